@@ -1,0 +1,1 @@
+"""Stage one: teacher-logit capture, and the dataset format both stages share."""

@@ -1,0 +1,166 @@
+"""The `distill` command line: a thin layer that parses flags into configs and calls the stage functions.
+
+torch and transformers are imported inside the commands, so `distill --help`, `inspect` and `verify` stay light.
+A `UserError` becomes one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+
+import click
+
+from .config import DTYPES, PrecomputeConfig
+from .errors import UserError
+
+
+def field_help(cls, name: str) -> str:
+    """The CLI help of a flag is the docstring of its config field (one source for both)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                return str(nxt.value.value)
+    return ""
+
+
+def run_or_exit(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"--hidden-layers {text!r} is not a comma-separated list of integers; e.g. --hidden-layers 2,-1")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="distill")
+def main():
+    """distill: run a teacher once, store its logits, train many students from them."""
+
+
+def _h(name):
+    return field_help(PrecomputeConfig, name)
+
+
+@main.command()
+@click.option("--teacher", required=True, help=_h("teacher"))
+@click.option("--data", "data", multiple=True, required=True, help=_h("data") + " Repeatable.")
+@click.option("--out", required=True, help=_h("out"))
+@click.option("--text-column", default="text", show_default=True, help=_h("text_column"))
+@click.option("--top-k", default=64, show_default=True, type=int, help=_h("top_k"))
+@click.option("--hidden-layers", default="", help=_h("hidden_layers") + " Comma-separated, e.g. 2,-1.")
+@click.option("--seq-len", default=512, show_default=True, type=int, help=_h("seq_len"))
+@click.option("--batch-size", default=8, show_default=True, type=int, help=_h("batch_size"))
+@click.option("--shard-size", default=256, show_default=True, type=int, help=_h("shard_size"))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES), help=_h("dtype"))
+@click.option("--device", default="auto", show_default=True, help=_h("device"))
+@click.option("--max-tokens", default=None, type=int, help=_h("max_tokens"))
+@click.option("--rank", default=None, type=int, help=_h("rank"))
+@click.option("--world-size", default=None, type=int, help=_h("world_size"))
+@click.option("--revision", default=None, help=_h("revision"))
+@click.option("--trust-remote-code", is_flag=True, help=_h("trust_remote_code"))
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def precompute(hidden_layers, no_progress, data, **kw):
+    """Run a teacher over a corpus once and write its top-k log-probs (and hidden states) as a dataset."""
+
+    def go():
+        from .precompute import precompute as run
+
+        cfg = PrecomputeConfig(data=list(data), hidden_layers=parse_int_list(hidden_layers), progress=not no_progress,
+                               command=["distill"] + sys.argv[1:], **kw)
+        manifest = run(cfg)
+        if "totals" in manifest:
+            t = manifest["totals"]
+            click.echo(f"wrote {kw['out']}: {t['shards']} shards, {t['tokens']} tokens, {t['bytes_per_token']:.1f} bytes/token")
+
+    run_or_exit(go)
+
+
+def summary(ds) -> dict:
+    m = ds.manifest
+    t, cap = m["totals"], m["capture"]
+    return {
+        "path": ds.url,
+        "format": f"{m['format']} v{m['format_version']}",
+        "teacher": m["teacher"]["name_or_path"],
+        "teacher_type": m["teacher"].get("model_type"),
+        "teacher_dtype": m["teacher"].get("dtype"),
+        "teacher_parameters": m["teacher"].get("parameters"),
+        "tokenizer_vocab_size": m["tokenizer"]["vocab_size"],
+        "tokenizer_sha256": m["tokenizer"]["sha256"],
+        "vocab_size": m["teacher"]["vocab_size"],
+        "seq_len": m["corpus"]["seq_len"],
+        "documents": m["corpus"]["documents"],
+        "tokens": t["tokens"],
+        "valid_tokens": t["valid_tokens"],
+        "windows": t["windows"],
+        "shards": t["shards"],
+        "targets": cap.get("targets"),
+        "top_k": cap["top_k"],
+        "encoding": cap.get("encoding", "exact"),
+        "hidden_layers": [x["index"] for x in cap["hidden_layers"]],
+        "bytes": t["bytes"],
+        "bytes_per_token": t["bytes_per_token"],
+        "topk_mass_mean": t.get("topk_mass_mean"),
+        "recon_kl_mean": t.get("recon_kl_mean"),
+        "created_by": m["created_by"],
+    }
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(path, as_json):
+    """Summarize a dataset: teacher, tokenizer, tokens, shards, k, layers, bytes per token, fidelity."""
+
+    def go():
+        from .format import open_dataset
+
+        s = summary(open_dataset(path))
+        if as_json:
+            click.echo(json.dumps(s, indent=2))
+            return
+        for key, value in s.items():
+            if key == "created_by":
+                value = " ".join(value.get("command") or []) or value.get("tool")
+            elif isinstance(value, float):
+                value = f"{value:.4g}"
+            click.echo(f"{key:22s} {value}")
+
+    run_or_exit(go)
+
+
+@main.command()
+@click.argument("path")
+def verify(path):
+    """Recompute every checksum and check schema and shapes against the manifest (exit 0 when sound)."""
+
+    def go():
+        from .format import verify_dataset
+
+        ds = verify_dataset(path)
+        click.echo(f"ok: {len(ds.shards)} shards, {ds.windows} windows verified")
+
+    run_or_exit(go)
+
+
+try:  # stage two registers its commands here when present
+    from trainer.cli import eval_command, train_command
+
+    main.add_command(train_command, "train")
+    main.add_command(eval_command, "eval")
+except ImportError:  # pragma: no cover - trainer not built yet
+    pass

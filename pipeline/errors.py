@@ -1,0 +1,13 @@
+"""The one exception type for user mistakes and bad datasets.
+
+The CLI prints a `UserError` as a single line and exits non-zero, without a traceback; anything else is a bug and keeps its
+traceback. Messages say what was found, what was expected, and how to fix it.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, bad path, incompatible or corrupt dataset)."""
+
+
+class FormatError(UserError):
+    """A dataset folder that does not match its manifest or the format specification."""

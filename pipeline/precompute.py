@@ -1,0 +1,341 @@
+"""Stage one, top-down: `precompute(cfg)` runs the teacher once over a corpus and writes a dataset folder.
+
+corpus files → documents → token file → windows → teacher forward → targets → background shard writer → manifest.
+Work is planned in shards of `shard_size` windows; shard i belongs to rank i % world_size. Each finished shard leaves a
+marker in `_progress/`; a rerun skips marked shards, and whichever rank sees every marker writes the manifest, last.
+Batches never straddle shards, so a resumed or split run computes exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .config import PrecomputeConfig
+from .errors import UserError
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, ShardWriter, shard_name, token_dtype, window_schema, write_json_atomic
+from .format.files import list_files, remove_temp_files, sha256_file
+from .format.schema import schema_description
+
+TOOL_VERSION = "0.1.0"
+WRITE_QUEUE_BATCHES = 4  # how far the teacher may run ahead of the disk
+
+
+def precompute(cfg: PrecomputeConfig) -> dict:
+    """Run the capture described by `cfg`; return the manifest (or this rank's summary when other ranks are still busy)."""
+    import torch
+    from tqdm import tqdm
+
+    from .corpus import CorpusStats, corpus_fingerprint, count_windows, iter_documents, list_data_files, make_windows, tokenize_to_file
+    from .targets import topk_targets
+    from .teacher import load_teacher, load_tokenizer, max_positions, resolve_device, resolve_dtype, teacher_record
+    from .tokenizer_id import tokenizer_record
+
+    cfg.resolve()
+    out = Path(cfg.out)
+    # --- inputs: corpus files, tokenizer, teacher -------------------------------------------------------------------
+    files = list_data_files(cfg.data)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and cfg.device == "auto" and cfg.world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", cfg.rank)) % torch.cuda.device_count())
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
+    model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code)
+    teacher = teacher_record(cfg.teacher, cfg.revision, model, dtype)
+    vocab = teacher["vocab_size"]
+    layers = check_model_settings(cfg, model.config, teacher)
+
+    # --- output folder: settings, resume, refusal ------------------------------------------------------------------
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "teacher": teacher["name_or_path"],
+        "teacher_config_sha256": teacher["config_sha256"],
+        "teacher_dtype": teacher["dtype"],
+        "tokenizer_sha256": tokenizer_record(tokenizer)["sha256"],
+        "corpus_fingerprint": corpus_fingerprint(files),
+        "text_column": cfg.text_column,
+        "seq_len": cfg.seq_len,
+        "top_k": cfg.top_k,
+        "hidden_layers": layers,
+        "batch_size": cfg.batch_size,
+        "shard_size": cfg.shard_size,
+        "max_tokens": cfg.max_tokens,
+    }
+    existing = prepare_output(out, settings)
+    if existing is not None:
+        print(f"{out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
+        return existing
+    progress_dir = out / PROGRESS_DIR
+    save_tokenizer(tokenizer, out)
+
+    # --- tokens: one pass over the corpus into a flat file (shared by resume and every rank) -------------------------
+    tok_dtype = token_dtype(vocab)
+    tokens_path, tokens_meta = progress_dir / "tokens.bin", progress_dir / "tokens.json"
+    stats = CorpusStats()
+    if not tokens_meta.exists():
+        bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not cfg.progress, total=cfg.max_tokens)
+        n = tokenize_to_file(iter_documents(files, cfg.text_column, stats), tokenizer, tokenizer.eos_token_id, tokens_path, tok_dtype, cfg.max_tokens, progress=bar.update)
+        bar.close()
+        if stats.skipped:
+            print(f"skipped {stats.skipped} undecodable file(s) (not UTF-8), e.g. {', '.join(stats.skipped_examples)}", file=sys.stderr)
+        if n < 2:
+            raise UserError(f"--data {' '.join(cfg.data)}: the corpus is empty (no text found); check the paths and --text-column")
+        write_json_atomic(tokens_meta, {"tokens": n, "documents": stats.documents, "skipped": stats.skipped})
+    meta = json.loads(tokens_meta.read_text())
+    tokens = np.memmap(tokens_path, dtype=tok_dtype, mode="r")  # (N,)
+    n_windows = count_windows(meta["tokens"], cfg.seq_len)
+    n_shards = -(-n_windows // cfg.shard_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
+
+    # --- capture: teacher forward on the device, targets, background writer -----------------------------------------
+    schema = window_schema(cfg.seq_len, cfg.top_k, tok_dtype)
+    widths = {layer: teacher["hidden_size"] for layer in layers}
+    writer = BackgroundWriter(out, schema, cfg.seq_len, widths, cfg.batch_size)
+    shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)  # noqa: E731
+    bar = tqdm(desc=f"capture rank {cfg.rank}" if cfg.world_size > 1 else "capture", unit="tok", unit_scale=True,
+               total=sum(shard_windows(s) for s in mine) * cfg.seq_len, disable=not cfg.progress)
+    try:
+        with torch.inference_mode():
+            for s in mine:
+                first, count = s * cfg.shard_size, shard_windows(s)
+                writer.open(s, count)
+                for b in range(first, first + count, cfg.batch_size):
+                    nb = min(cfg.batch_size, first + count - b)
+                    input_ids, labels, loss_mask = make_windows(tokens, b, nb, cfg.seq_len, pad_id)  # (B, T) each
+                    ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
+                    result = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
+                    t = topk_targets(result.logits, torch.from_numpy(labels.astype(np.int64)).to(device), cfg.top_k)
+                    rows = {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
+                            "target_logprob": t["target_logprob"].cpu().numpy()}
+                    if cfg.top_k:
+                        rows["topk_ids"] = t["topk_ids"].to(torch.int32).cpu().numpy().astype(tok_dtype)
+                        rows["topk_logprobs"] = t["topk_logprobs"].half().cpu().numpy()
+                    hidden = {layer: result.hidden_states[layer].half().reshape(nb * cfg.seq_len, -1).cpu().numpy() for layer in layers}
+                    stats_ = {}
+                    if cfg.top_k:
+                        m = torch.from_numpy(loss_mask).to(device).bool()
+                        stats_ = {name: (float(t[name][m].sum()), int(m.sum())) for name in ("topk_mass", "recon_kl")}
+                    writer.put(rows, hidden, stats_)
+                    bar.update(nb * cfg.seq_len)
+                writer.close_shard()
+        writer.join()
+    finally:
+        writer.stop()
+        bar.close()
+
+    # --- finish: this rank's marker; the manifest once every shard is present ---------------------------------------
+    write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}.json", {"shards": n_shards, "windows": n_windows})
+    done = [progress_dir / f"shard-{shard_name(s)}.json" for s in range(n_shards)]
+    if not all(p.exists() for p in done):
+        missing = sum(not p.exists() for p in done)
+        print(f"rank {cfg.rank} done; {missing} shard(s) of other ranks still missing, manifest not written yet", file=sys.stderr)
+        return {"rank": cfg.rank, "shards": n_shards, "missing": missing}
+    records = [json.loads(p.read_text()) for p in done]
+    manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, layers, widths, records, tok_dtype, out)
+    write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(progress_dir, ignore_errors=True)
+    return manifest
+
+
+def check_model_settings(cfg: PrecomputeConfig, config, teacher: dict) -> list[int]:
+    """Check k, layers and seq-len against the teacher; return the hidden layers as non-negative indices."""
+    problems = []
+    if cfg.top_k > teacher["vocab_size"]:
+        problems.append(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher['vocab_size']}); pass at most {teacher['vocab_size']}")
+    limit = teacher["max_position_embeddings"]
+    if limit is not None and cfg.seq_len > limit:
+        problems.append(f"--seq-len {cfg.seq_len} is above the teacher's maximum positions ({limit}); pass --seq-len {limit} or less")
+    n_states = teacher["num_hidden_layers"] + 1  # hidden_states = embeddings + one per layer
+    layers = []
+    for layer in cfg.hidden_layers:
+        if not -n_states <= layer < n_states:
+            problems.append(f"--hidden-layers {layer} is out of range; the teacher has {n_states} hidden states, valid: {-n_states}..{n_states - 1}")
+        else:
+            layers.append(layer % n_states)
+    if len(set(layers)) != len(layers):
+        problems.append(f"--hidden-layers {cfg.hidden_layers} names a layer twice")
+    if problems:
+        raise UserError("; ".join(problems))
+    return sorted(layers)
+
+
+def prepare_output(out: Path, settings: dict) -> dict | None:
+    """Create or resume the output folder. Returns the manifest when the dataset is already complete.
+
+    Refuses a folder holding something else, or a capture made with other settings (naming each that differs).
+    """
+    manifest_path, progress = out / MANIFEST, out / PROGRESS_DIR
+    previous = None
+    if manifest_path.exists():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except ValueError:
+            raise UserError(f"--out {out}: its {MANIFEST} is not valid JSON; choose another --out folder")
+        old = previous.get("settings", {})
+    elif (progress / "settings.json").exists():
+        old = json.loads((progress / "settings.json").read_text())
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty and holds no distill dataset; choose an empty or new folder")
+    else:
+        old = None
+    if old is not None:
+        differ = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if differ:
+            detail = ", ".join(f"{k}: {old.get(k)!r} → {settings.get(k)!r}" for k in differ)
+            raise UserError(f"--out {out} holds a capture made with other settings ({detail}); rerun with the same settings or choose another --out")
+        if previous is not None:
+            return previous
+    progress.mkdir(parents=True, exist_ok=True)
+    (out / SHARDS_DIR).mkdir(exist_ok=True)
+    remove_temp_files(out / SHARDS_DIR)
+    remove_temp_files(progress)
+    if not (progress / "settings.json").exists():
+        write_json_atomic(progress / "settings.json", settings)
+    return None
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """Store the teacher's tokenizer in the dataset: students need it, and it defines what the token ids mean."""
+    final = out / "tokenizer"
+    if final.exists():
+        return
+    tmp = out / f"tokenizer.tmp-{os.getpid()}"
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another rank got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_manifest(cfg, teacher, tok, files, meta, settings, schema, layers, widths, records, tok_dtype, out: Path) -> dict:
+    tokens = sum(r["tokens"] for r in records)
+    valid = sum(r["valid_tokens"] for r in records)
+    size = sum(r["bytes"] for r in records)
+
+    def mean(stat):
+        vals = [(r["stats"].get(stat), r["valid_tokens"]) for r in records if r["stats"].get(stat) is not None]
+        n = sum(w for _, w in vals)
+        return sum(v * w for v, w in vals) / n if n else None
+
+    tok_files = {rel: {"sha256": sha256_file(out / "tokenizer" / rel), "bytes": (out / "tokenizer" / rel).stat().st_size}
+                 for rel in list_files(out / "tokenizer")}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": {"tool": "offline-distill", "version": TOOL_VERSION, "command": cfg.command},
+        "teacher": teacher,
+        "tokenizer": tok | {"path": "tokenizer", "files": tok_files},
+        "corpus": {
+            "files": [str(f) for f in files][:1000],
+            "file_count": len(files),
+            "fingerprint": settings["corpus_fingerprint"],
+            "text_column": cfg.text_column,
+            "seq_len": cfg.seq_len,
+            "packing": "documents concatenated with EOS after each; windows of seq_len inputs, labels shifted by one; last window padded",
+            "documents": meta["documents"],
+            "skipped_files": meta["skipped"],
+            "corpus_tokens": meta["tokens"],
+            "max_tokens": cfg.max_tokens,
+        },
+        "capture": {
+            "targets": ["topk"] if cfg.top_k else [],
+            "top_k": cfg.top_k,
+            "temperature": 1.0,
+            "encoding": "exact",
+            "hidden_layers": [{"index": layer, "width": widths[layer], "dtype": "float16"} for layer in layers],
+            "token_dtype": tok_dtype,
+            "logprob_dtype": "float16",
+            "batch_size": cfg.batch_size,
+            "shard_size": cfg.shard_size,
+            "world_size": cfg.world_size,
+        },
+        "settings": settings,
+        "schema": schema_description(schema),
+        "shards": records,
+        "totals": {
+            "shards": len(records),
+            "windows": sum(r["windows"] for r in records),
+            "tokens": tokens,
+            "valid_tokens": valid,
+            "bytes": size,
+            "bytes_per_token": size / valid if valid else None,
+            "topk_mass_mean": mean("topk_mass"),
+            "recon_kl_mean": mean("recon_kl"),
+        },
+    }
+
+
+class BackgroundWriter:
+    """A bounded queue and one thread that writes shards, so the teacher never waits for the disk.
+
+    The queue holds at most WRITE_QUEUE_BATCHES batches; a writer error is re-raised in the main thread at the next put.
+    """
+
+    def __init__(self, out: Path, schema, seq_len: int, widths: dict[int, int], batch_size: int):
+        self.out, self.schema, self.seq_len, self.widths, self.batch_size = out, schema, seq_len, widths, batch_size
+        self.q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def open(self, index: int, n_windows: int):
+        self._check()
+        self.q.put(("open", index, n_windows))
+
+    def put(self, rows, hidden, stats):
+        self._check()
+        self.q.put(("rows", rows, hidden, stats))
+
+    def close_shard(self):
+        self._check()
+        self.q.put(("close",))
+
+    def join(self):
+        self.q.put(("stop",))
+        self.thread.join()
+        self._check()
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.q.put(("stop",))
+            self.thread.join()
+
+    def _run(self):
+        writer = None
+        try:
+            while True:
+                item = self.q.get()
+                if item[0] == "stop":
+                    return
+                if item[0] == "open":
+                    _, index, n = item
+                    writer = ShardWriter(self.out, index, self.schema, n, self.seq_len, self.widths, self.batch_size)
+                    current = index
+                elif item[0] == "rows":
+                    _, rows, hidden, stats = item
+                    writer.write(rows, hidden)
+                    for name, (total, count) in stats.items():
+                        writer.add_stat(name, total, count)
+                elif item[0] == "close":
+                    record = writer.finish()
+                    write_json_atomic(self.out / PROGRESS_DIR / f"shard-{shard_name(current)}.json", record)
+                    writer = None
+        except BaseException as e:  # surfaced in the main thread
+            self.error = e
+            if writer is not None:
+                writer.abort()
+            while True:  # keep draining so the producer never blocks on a full queue
+                if self.q.get()[0] == "stop":
+                    return

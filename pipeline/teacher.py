@@ -1,0 +1,103 @@
+"""Load the teacher and its tokenizer, and pick the device and dtype. Called by `pipeline.precompute`.
+
+Loading failures become one-line `UserError`s: a missing path, a hub id that cannot be fetched, or a model that is not
+a causal LM. `trust_remote_code` is passed through only when the user asked for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but none is available; pass --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def load_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"--teacher {name}: no such folder; pass a local model folder or a hub id")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"--teacher {name}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if tok.eos_token_id is None:
+        raise UserError(f"--teacher {name}: its tokenizer has no EOS token, needed between documents; set eos_token in its tokenizer_config.json")
+    return tok
+
+
+def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool):
+    """Return the model in eval mode on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"--teacher {name}: cannot load its config ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
+            raise UserError(
+                f"--teacher {name}: a {type(config).__name__} ({config.model_type}) is not a causal language model; "
+                "pass a model that AutoModelForCausalLM can load"
+            )
+        raise UserError(f"--teacher {name}: cannot load the model ({str(e).splitlines()[0][:200]})")
+    except OSError as e:
+        raise UserError(f"--teacher {name}: cannot load the model weights ({str(e).splitlines()[0][:200]})")
+    return model.to(device).eval()
+
+
+def max_positions(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def teacher_record(name: str, revision: str | None, model, dtype: torch.dtype) -> dict:
+    """The manifest's `teacher` section."""
+    config = model.config
+    text = json.dumps(config.to_diff_dict() if hasattr(config, "to_diff_dict") else config.to_dict(), sort_keys=True, default=str)
+    commit = getattr(config, "_commit_hash", None)
+    return {
+        "name_or_path": name,
+        "revision": revision or commit,
+        "model_type": config.model_type,
+        "architectures": getattr(config, "architectures", None),
+        "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else int(config.vocab_size),
+        "num_hidden_layers": int(getattr(config, "num_hidden_layers", 0) or 0),
+        "hidden_size": int(getattr(config, "hidden_size", 0) or 0),
+        "max_position_embeddings": max_positions(config),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+    }

@@ -1,0 +1,1 @@
+"""Stage two: stream a logit dataset into a student."""
