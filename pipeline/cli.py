@@ -164,3 +164,7 @@ try:  # stage two registers its commands here when present
     main.add_command(eval_command, "eval")
 except ImportError:  # pragma: no cover - trainer not built yet
     pass
+
+
+if __name__ == "__main__":
+    main()

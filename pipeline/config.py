@@ -21,7 +21,7 @@ class PrecomputeConfig:
     text_column: str = "text"
     """Column holding the text in .jsonl/.json/.parquet/.arrow inputs."""
     top_k: int = 64
-    """Number of highest-probability tokens stored per position (0 stores only the target log-prob)."""
+    """Number of highest-probability tokens stored per position, with their log-probs over the full vocabulary."""
     hidden_layers: list[int] = field(default_factory=list)
     """Indices into the teacher's hidden_states tuple to store per token (0 = embeddings, -1 = last layer)."""
     seq_len: int = 512
@@ -58,8 +58,8 @@ class PrecomputeConfig:
         problems = []
         if not self.data:
             problems.append("no --data given; pass at least one corpus file or folder")
-        if self.top_k < 0:
-            problems.append(f"--top-k is {self.top_k}; expected 1 or more (or 0 for target log-probs only)")
+        if self.top_k < 1:
+            problems.append(f"--top-k is {self.top_k}; expected 1 or more")
         for name in ("seq_len", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
