@@ -12,7 +12,7 @@ from dataclasses import fields
 
 import click
 
-from .config import DTYPES, PrecomputeConfig
+from .config import DTYPES, ENCODINGS, TARGETS, PrecomputeConfig
 from .errors import UserError
 
 
@@ -61,6 +61,13 @@ def _h(name):
 @click.option("--out", required=True, help=_h("out"))
 @click.option("--text-column", default="text", show_default=True, help=_h("text_column"))
 @click.option("--top-k", default=64, show_default=True, type=int, help=_h("top_k"))
+@click.option("--targets", default="topk", show_default=True, type=click.Choice(TARGETS), help=_h("targets"))
+@click.option("--samples", default=32, show_default=True, type=int, help=_h("samples"))
+@click.option("--sample-temperature", default=1.0, show_default=True, type=float, help=_h("sample_temperature"))
+@click.option("--seed", default=0, show_default=True, type=int, help=_h("seed"))
+@click.option("--encoding", default="exact", show_default=True, type=click.Choice(ENCODINGS), help=_h("encoding"))
+@click.option("--logprob-bits", default=7, show_default=True, type=int, help=_h("logprob_bits"))
+@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "zstd"]), help=_h("compression"))
 @click.option("--hidden-layers", default="", help=_h("hidden_layers") + " Comma-separated, e.g. 2,-1.")
 @click.option("--seq-len", default=512, show_default=True, type=int, help=_h("seq_len"))
 @click.option("--batch-size", default=8, show_default=True, type=int, help=_h("batch_size"))
@@ -110,12 +117,14 @@ def summary(ds) -> dict:
         "shards": t["shards"],
         "targets": cap.get("targets"),
         "top_k": cap["top_k"],
+        "samples": cap.get("samples"),
+        "sample_temperature": cap.get("sample_temperature"),
         "encoding": cap.get("encoding", "exact"),
+        "compression": cap.get("compression", "none"),
         "hidden_layers": [x["index"] for x in cap["hidden_layers"]],
         "bytes": t["bytes"],
         "bytes_per_token": t["bytes_per_token"],
-        "topk_mass_mean": t.get("topk_mass_mean"),
-        "recon_kl_mean": t.get("recon_kl_mean"),
+        **{k: v for k, v in t.items() if k.endswith("_mean")},
         "created_by": m["created_by"],
     }
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+TARGETS = ("topk", "sampled", "both")
+ENCODINGS = ("exact", "compact")
 
 
 @dataclass
@@ -22,6 +24,21 @@ class PrecomputeConfig:
     """Column holding the text in .jsonl/.json/.parquet/.arrow inputs."""
     top_k: int = 64
     """Number of highest-probability tokens stored per position, with their log-probs over the full vocabulary."""
+    targets: str = "topk"
+    """What to store per position: topk (exact head + tail mass), sampled (unique ids and counts of N draws: an
+    unbiased estimate of the whole distribution), or both."""
+    samples: int = 32
+    """Draws per position for sampled targets (N)."""
+    sample_temperature: float = 1.0
+    """Temperature the draws are made at; other than 1, importance weights log(p/q) are stored to stay unbiased."""
+    seed: int = 0
+    """Seed of the sampling; each batch's generator is seeded from it and the batch's first window."""
+    encoding: str = "exact"
+    """exact: ids and float16 log-probs; compact: ids bit-packed in ceil(log2 vocab) bits, log-probs quantized."""
+    logprob_bits: int = 7
+    """Bits per quantized top-k log-prob in the compact encoding."""
+    compression: str = "none"
+    """Arrow buffer compression of the shard files: none (memory-mappable, zero-copy) or zstd."""
     hidden_layers: list[int] = field(default_factory=list)
     """Indices into the teacher's hidden_states tuple to store per token (0 = embeddings, -1 = last layer)."""
     seq_len: int = 512
@@ -49,6 +66,10 @@ class PrecomputeConfig:
     command: list[str] | None = None
     """Command line recorded in the manifest (set by the CLI)."""
 
+    @property
+    def target_kinds(self) -> list[str]:
+        return ["topk", "sampled"] if self.targets == "both" else [self.targets]
+
     def resolve(self) -> "PrecomputeConfig":
         """Fill rank/world size from torchrun's environment and check every value; raise one UserError listing all problems."""
         if self.rank is None:
@@ -58,13 +79,25 @@ class PrecomputeConfig:
         problems = []
         if not self.data:
             problems.append("no --data given; pass at least one corpus file or folder")
-        if self.top_k < 1:
+        if "topk" in self.target_kinds and self.top_k < 1:
             problems.append(f"--top-k is {self.top_k}; expected 1 or more")
         for name in ("seq_len", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
         if self.max_tokens is not None and self.max_tokens < 2:
             problems.append(f"--max-tokens is {self.max_tokens}; expected at least 2")
+        if self.targets not in TARGETS:
+            problems.append(f"--targets is {self.targets!r}; expected one of {', '.join(TARGETS)}")
+        if self.encoding not in ENCODINGS:
+            problems.append(f"--encoding is {self.encoding!r}; expected one of {', '.join(ENCODINGS)}")
+        if self.compression not in ("none", "zstd"):
+            problems.append(f"--compression is {self.compression!r}; expected none or zstd")
+        if not 1 <= self.samples <= 65535:
+            problems.append(f"--samples is {self.samples}; expected 1 to 65535")
+        if not self.sample_temperature > 0:
+            problems.append(f"--sample-temperature is {self.sample_temperature}; expected a positive number")
+        if not 2 <= self.logprob_bits <= 16:
+            problems.append(f"--logprob-bits is {self.logprob_bits}; expected 2 to 16")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype is {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

@@ -21,11 +21,18 @@ import numpy as np
 from .config import PrecomputeConfig
 from .errors import UserError
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, ShardWriter, shard_name, token_dtype, window_schema, write_json_atomic
+from .format.bitpack import bits_for
+from .format.encode import encode_rows
 from .format.files import list_files, remove_temp_files, sha256_file
 from .format.schema import schema_description
 
 TOOL_VERSION = "0.1.0"
 WRITE_QUEUE_BATCHES = 4  # how far the teacher may run ahead of the disk
+# Capture settings that change shard bytes: a resumed run must match them.
+SETTINGS_FROM_CAPTURE = ("targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "logprob_bits", "compression",
+                         "hidden_layers", "batch_size", "shard_size")
+# Per-position fidelity figures averaged over valid positions, per shard and overall (docs/FORMAT.md).
+STATS = ("topk_mass", "recon_kl", "sample_unique", "sample_mass", "sample_rkl")
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:
@@ -34,7 +41,6 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     from tqdm import tqdm
 
     from .corpus import CorpusStats, corpus_fingerprint, count_windows, iter_documents, list_data_files, make_windows, tokenize_to_file
-    from .targets import topk_targets
     from .teacher import load_teacher, load_tokenizer, max_positions, resolve_device, resolve_dtype, teacher_record
     from .tokenizer_id import tokenizer_record
 
@@ -62,12 +68,12 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         "corpus_fingerprint": corpus_fingerprint(files),
         "text_column": cfg.text_column,
         "seq_len": cfg.seq_len,
-        "top_k": cfg.top_k,
-        "hidden_layers": layers,
-        "batch_size": cfg.batch_size,
-        "shard_size": cfg.shard_size,
         "max_tokens": cfg.max_tokens,
     }
+    tok_dtype = token_dtype(vocab)
+    widths = {layer: teacher["hidden_size"] for layer in layers}
+    spec = capture_spec(cfg, vocab, tok_dtype, layers, widths)
+    settings |= {k: spec[k] for k in SETTINGS_FROM_CAPTURE if k in spec}
     existing = prepare_output(out, settings)
     if existing is not None:
         print(f"{out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
@@ -76,7 +82,6 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     save_tokenizer(tokenizer, out)
 
     # --- tokens: one pass over the corpus into a flat file (shared by resume and every rank) -------------------------
-    tok_dtype = token_dtype(vocab)
     tokens_path, tokens_meta = progress_dir / "tokens.bin", progress_dir / "tokens.json"
     stats = CorpusStats()
     if not tokens_meta.exists():
@@ -96,9 +101,8 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
 
     # --- capture: teacher forward on the device, targets, background writer -----------------------------------------
-    schema = window_schema(cfg.seq_len, cfg.top_k, tok_dtype)
-    widths = {layer: teacher["hidden_size"] for layer in layers}
-    writer = BackgroundWriter(out, schema, cfg.seq_len, widths, cfg.batch_size)
+    schema = shard_schema(spec, cfg.seq_len)
+    writer = BackgroundWriter(out, schema, spec, cfg.seq_len, widths, cfg.batch_size)
     shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)  # noqa: E731
     bar = tqdm(desc=f"capture rank {cfg.rank}" if cfg.world_size > 1 else "capture", unit="tok", unit_scale=True,
                total=sum(shard_windows(s) for s in mine) * cfg.seq_len, disable=not cfg.progress)
@@ -112,17 +116,9 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                     input_ids, labels, loss_mask = make_windows(tokens, b, nb, cfg.seq_len, pad_id)  # (B, T) each
                     ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
                     result = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
-                    t = topk_targets(result.logits, torch.from_numpy(labels.astype(np.int64)).to(device), cfg.top_k)
-                    rows = {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
-                            "target_logprob": t["target_logprob"].cpu().numpy()}
-                    if cfg.top_k:
-                        rows["topk_ids"] = t["topk_ids"].to(torch.int32).cpu().numpy().astype(tok_dtype)
-                        rows["topk_logprobs"] = t["topk_logprobs"].half().cpu().numpy()
+                    rows, stats_ = batch_targets(result.logits, labels, loss_mask, b, spec, device)
+                    rows |= {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
                     hidden = {layer: result.hidden_states[layer].half().reshape(nb * cfg.seq_len, -1).cpu().numpy() for layer in layers}
-                    stats_ = {}
-                    if cfg.top_k:
-                        m = torch.from_numpy(loss_mask).to(device).bool()
-                        stats_ = {name: (float(t[name][m].sum()), int(m.sum())) for name in ("topk_mass", "recon_kl")}
                     writer.put(rows, hidden, stats_)
                     bar.update(nb * cfg.seq_len)
                 writer.close_shard()
@@ -139,10 +135,76 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         print(f"rank {cfg.rank} done; {missing} shard(s) of other ranks still missing, manifest not written yet", file=sys.stderr)
         return {"rank": cfg.rank, "shards": n_shards, "missing": missing}
     records = [json.loads(p.read_text()) for p in done]
-    manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, layers, widths, records, tok_dtype, out)
+    manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, spec, records, out)
     write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(progress_dir, ignore_errors=True)
     return manifest
+
+
+def capture_spec(cfg: PrecomputeConfig, vocab: int, tok_dtype: str, layers: list[int], widths: dict[int, int]) -> dict:
+    """The manifest's `capture` section: everything a reader needs to decode the shards."""
+    kinds = cfg.target_kinds
+    spec = {
+        "targets": kinds,
+        "top_k": cfg.top_k if "topk" in kinds else 0,
+        "temperature": 1.0,
+        "encoding": cfg.encoding,
+        "compression": cfg.compression,
+        "token_dtype": tok_dtype,
+        "hidden_layers": [{"index": layer, "width": widths[layer], "dtype": "float16"} for layer in layers],
+        "batch_size": cfg.batch_size,
+        "shard_size": cfg.shard_size,
+        "world_size": cfg.world_size,
+    }
+    if "topk" in kinds:
+        spec["logprob_dtype"] = "float16" if cfg.encoding == "exact" else f"uint{cfg.logprob_bits}"
+    if cfg.encoding == "compact":
+        spec["id_bits"] = bits_for(vocab - 1)
+        if "topk" in kinds:
+            spec["logprob_bits"] = cfg.logprob_bits
+    if "sampled" in kinds:
+        spec |= {"samples": cfg.samples, "sample_temperature": cfg.sample_temperature, "seed": cfg.seed,
+                 "count_dtype": "uint8" if cfg.samples <= 255 else "uint16"}
+        if cfg.encoding == "compact":
+            spec["count_bits"] = bits_for(cfg.samples - 1)
+    return spec
+
+
+def shard_schema(spec: dict, seq_len: int):
+    return window_schema(seq_len, spec["token_dtype"], tuple(spec["targets"]), spec["top_k"], spec["encoding"],
+                         spec.get("count_dtype", "uint8"), spec.get("sample_temperature", 1.0) != 1.0)
+
+
+def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_window: int, spec: dict, device) -> tuple[dict, dict]:
+    """Teacher logits (B, T, V) -> the logical arrays of every stored target kind (on host) and per-batch fidelity sums."""
+    import torch
+
+    from .targets import batch_generator, sampled_targets, topk_targets
+
+    labels_t = torch.from_numpy(labels.astype(np.int64)).to(device)
+    mask = torch.from_numpy(loss_mask).to(device).bool()  # (B, T)
+    n_valid = int(mask.sum())
+    tok = np.dtype(spec["token_dtype"])
+    k = spec["top_k"]
+    bits = spec.get("logprob_bits") if spec["encoding"] == "compact" else None
+    t = topk_targets(logits, labels_t, k, logprob_bits=bits)
+    rows = {"target_logprob": t["target_logprob"].cpu().numpy()}
+    stats = {}
+    if k:
+        rows["topk_ids"] = t["topk_ids"].to(torch.int32).cpu().numpy().astype(tok)
+        if bits is None:
+            rows["topk_logprobs"] = t["topk_logprobs"].half().cpu().numpy()
+        else:
+            rows |= {name: t[name].cpu().numpy() for name in ("topk_q", "topk_hi", "topk_lo")}
+        stats |= {name: (float(t[name][mask].sum()), n_valid) for name in ("topk_mass", "recon_kl")}
+    if "sampled" in spec["targets"]:
+        g = batch_generator(spec["seed"], first_window, device)
+        s = sampled_targets(logits, spec["samples"], spec["sample_temperature"], g)
+        rows |= {"sample_ids": s["sample_ids"].to(torch.int32).cpu().numpy().astype(tok), "sample_counts": s["sample_counts"].cpu().numpy(),
+                 "sample_n": s["sample_n"].cpu().numpy(), "sample_logweights": s["sample_logweights"].cpu().numpy()}
+        stats |= {"sample_unique": (float(s["sample_n"][mask].sum()), n_valid), "sample_mass": (float(s["sample_mass"][mask].sum()), n_valid),
+                  "sample_rkl": (float(s["sample_rkl"][mask].sum()), n_valid)}
+    return rows, stats
 
 
 def check_model_settings(cfg: PrecomputeConfig, config, teacher: dict) -> list[int]:
@@ -215,7 +277,7 @@ def save_tokenizer(tokenizer, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_manifest(cfg, teacher, tok, files, meta, settings, schema, layers, widths, records, tok_dtype, out: Path) -> dict:
+def build_manifest(cfg, teacher, tok, files, meta, settings, schema, spec, records, out: Path) -> dict:
     tokens = sum(r["tokens"] for r in records)
     valid = sum(r["valid_tokens"] for r in records)
     size = sum(r["bytes"] for r in records)
@@ -245,18 +307,7 @@ def build_manifest(cfg, teacher, tok, files, meta, settings, schema, layers, wid
             "corpus_tokens": meta["tokens"],
             "max_tokens": cfg.max_tokens,
         },
-        "capture": {
-            "targets": ["topk"] if cfg.top_k else [],
-            "top_k": cfg.top_k,
-            "temperature": 1.0,
-            "encoding": "exact",
-            "hidden_layers": [{"index": layer, "width": widths[layer], "dtype": "float16"} for layer in layers],
-            "token_dtype": tok_dtype,
-            "logprob_dtype": "float16",
-            "batch_size": cfg.batch_size,
-            "shard_size": cfg.shard_size,
-            "world_size": cfg.world_size,
-        },
+        "capture": spec,
         "settings": settings,
         "schema": schema_description(schema),
         "shards": records,
@@ -267,8 +318,7 @@ def build_manifest(cfg, teacher, tok, files, meta, settings, schema, layers, wid
             "valid_tokens": valid,
             "bytes": size,
             "bytes_per_token": size / valid if valid else None,
-            "topk_mass_mean": mean("topk_mass"),
-            "recon_kl_mean": mean("recon_kl"),
+            **{f"{stat}_mean": mean(stat) for stat in STATS if any(stat in r["stats"] for r in records)},
         },
     }
 
@@ -279,8 +329,8 @@ class BackgroundWriter:
     The queue holds at most WRITE_QUEUE_BATCHES batches; a writer error is re-raised in the main thread at the next put.
     """
 
-    def __init__(self, out: Path, schema, seq_len: int, widths: dict[int, int], batch_size: int):
-        self.out, self.schema, self.seq_len, self.widths, self.batch_size = out, schema, seq_len, widths, batch_size
+    def __init__(self, out: Path, schema, spec: dict, seq_len: int, widths: dict[int, int], batch_size: int):
+        self.out, self.schema, self.spec, self.seq_len, self.widths, self.batch_size = out, schema, spec, seq_len, widths, batch_size
         self.q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
@@ -321,11 +371,12 @@ class BackgroundWriter:
                     return
                 if item[0] == "open":
                     _, index, n = item
-                    writer = ShardWriter(self.out, index, self.schema, n, self.seq_len, self.widths, self.batch_size)
+                    writer = ShardWriter(self.out, index, self.schema, n, self.seq_len, self.widths, self.batch_size,
+                                         compression=self.spec["compression"])
                     current = index
                 elif item[0] == "rows":
                     _, rows, hidden, stats = item
-                    writer.write(rows, hidden)
+                    writer.write(encode_rows(rows, self.spec), hidden)
                     for name, (total, count) in stats.items():
                         writer.add_stat(name, total, count)
                 elif item[0] == "close":

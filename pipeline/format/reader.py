@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import FormatError
+from .encode import decode_sampled, decode_topk
 from .files import HASH_BLOCK, safe_relpath
 from .schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARDS_DIR
 
@@ -68,16 +69,43 @@ class Shard:
             raise FormatError(f"shard {self.name} holds {table.num_rows} windows but the manifest says {self.windows}")
         return table
 
-    def column(self, name: str) -> np.ndarray:
-        """A column as a numpy array shaped (windows,), (windows, T) or (windows, T, K); zero-copy when local."""
+    def column(self, name: str, rows=None):
+        """A column for all rows (or the selected `rows`, an index array or slice).
+
+        Fixed-size columns come back as numpy arrays shaped (windows,), (windows, T) or (windows, T, K), zero-copy when
+        local and unselected; variable-length lists as a list of 1-D numpy arrays (one per window); binaries as bytes.
+        """
         if name not in self.table.column_names:
             raise KeyError(f"shard {self.name} has no column {name!r}; it has {self.table.column_names}")
         arr = self.table.column(name).combine_chunks()
+        if rows is not None:
+            arr = arr[rows] if isinstance(rows, slice) else arr.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        if pa.types.is_list(arr.type):
+            offsets = arr.offsets.to_numpy()
+            values = arr.values.to_numpy(zero_copy_only=False)
+            return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
+        if pa.types.is_binary(arr.type):
+            return arr.to_pylist()
         shape = [len(arr)]
         while pa.types.is_fixed_size_list(arr.type):
             shape.append(arr.type.list_size)
             arr = arr.flatten()
         return arr.to_numpy(zero_copy_only=False).reshape(shape)
+
+    def sparse_targets(self, kind: str | None = None, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """Stored teacher targets decoded from either encoding: ids (R, T, M) int64 and log-probs (R, T, M) float32.
+
+        kind: "topk" (exact head log-probs over the full vocabulary; tail = 1 - sum) or "sampled" (log of count / N,
+        plus the log importance weight when sampled at a temperature other than 1; padded slots -inf). Default: the
+        dataset's first target kind.
+        """
+        kinds = self.dataset.target_kinds
+        kind = kind or kinds[0]
+        if kind not in kinds:
+            raise FormatError(f"dataset holds {' and '.join(kinds) or 'no'} targets, not {kind!r}; pick one of {kinds}")
+        col = lambda name: self.column(name, rows)  # noqa: E731
+        decode = decode_topk if kind == "topk" else decode_sampled
+        return decode(col, self.dataset.capture, self.dataset.seq_len)
 
     def hidden(self, layer: int):
         """Hidden states of `layer` (an index into the teacher's hidden_states) as a lazy zarr array (tokens, hidden)."""
@@ -160,6 +188,10 @@ class Dataset:
     @property
     def top_k(self) -> int:
         return int(self.capture.get("top_k", 0))
+
+    @property
+    def target_kinds(self) -> list[str]:
+        return list(self.capture.get("targets", []))
 
     @property
     def vocab_size(self) -> int:

@@ -29,11 +29,21 @@ def token_dtype(vocab_size: int) -> str:
     return "uint32"
 
 
-def window_schema(seq_len: int, top_k: int, token_type: str, logprob_type: str = "float16") -> pa.Schema:
-    """One row per window of `seq_len` tokens.
+def window_schema(
+    seq_len: int,
+    token_type: str,
+    targets: tuple[str, ...] = ("topk",),
+    top_k: int = 0,
+    encoding: str = "exact",
+    count_type: str = "uint8",
+    sample_weights: bool = False,
+) -> pa.Schema:
+    """One row per window of `seq_len` tokens; see docs/FORMAT.md for each column.
 
     Per-position values are fixed-size lists so a reader gets (windows, seq_len[, k]) numpy views without copying, and
-    `datasets.Dataset.from_file` shows them as nested sequences.
+    `datasets.Dataset.from_file` shows them as nested sequences. Sampled targets have a variable number of unique ids per
+    position: `sample_n` gives the count per position and the ids/counts of all positions are concatenated in one list.
+    The compact encoding replaces id and log-prob lists by bit-packed binary blobs, one per window.
     """
     tok = pa.from_numpy_dtype(np.dtype(token_type))
     per_pos = lambda t: pa.list_(t, seq_len)  # noqa: E731
@@ -44,11 +54,28 @@ def window_schema(seq_len: int, top_k: int, token_type: str, logprob_type: str =
         pa.field("loss_mask", per_pos(pa.uint8())),  # 1 where a next token exists; 0 for padding and the corpus end
         pa.field("target_logprob", per_pos(pa.float32())),  # teacher log p(labels[t] | prefix)
     ]
-    if top_k > 0:
-        fields += [
-            pa.field("topk_ids", per_pos(pa.list_(tok, top_k))),  # sorted by probability, highest first
-            pa.field("topk_logprobs", per_pos(pa.list_(pa.from_numpy_dtype(np.dtype(logprob_type)), top_k))),
-        ]
+    if "topk" in targets:
+        if encoding == "exact":
+            fields += [
+                pa.field("topk_ids", per_pos(pa.list_(tok, top_k))),  # sorted by probability, highest first
+                pa.field("topk_logprobs", per_pos(pa.list_(pa.float16(), top_k))),
+            ]
+        else:
+            fields += [
+                pa.field("topk_ids_packed", pa.binary()),  # T*K ids of id_bits each
+                pa.field("topk_logprobs_packed", pa.binary()),  # T*K quantized log-probs of logprob_bits each
+                pa.field("topk_logprob_hi", per_pos(pa.float16())),  # log-prob of rank 1 (the quantization range)
+                pa.field("topk_logprob_lo", per_pos(pa.float16())),  # log-prob of rank K
+            ]
+    if "sampled" in targets:
+        cnt = pa.from_numpy_dtype(np.dtype(count_type))
+        fields.append(pa.field("sample_n", per_pos(cnt)))  # unique ids drawn at each position
+        if encoding == "exact":
+            fields += [pa.field("sample_ids", pa.list_(tok)), pa.field("sample_counts", pa.list_(cnt))]
+        else:
+            fields += [pa.field("sample_ids_packed", pa.binary()), pa.field("sample_counts_packed", pa.binary())]
+        if sample_weights:
+            fields.append(pa.field("sample_logweights", pa.list_(pa.float16())))  # log p/q, only when sampling at T != 1
     return pa.schema(fields, metadata={b"format": FORMAT_NAME.encode(), b"format_version": str(FORMAT_VERSION).encode()})
 
 

@@ -42,9 +42,12 @@ class ShardWriter:
         seq_len: int,
         hidden_widths: dict[int, int] | None = None,
         windows_per_zarr_shard: int = 8,
+        compression: str = "none",
     ):
         self.root, self.name, self.schema = Path(root), shard_name(index), schema
         self.n_windows, self.seq_len = n_windows, seq_len
+        # Uncompressed by default: a memory-mapped reader then reads columns with no copy and no decode.
+        self.ipc_options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
         self.shards_dir = self.root / SHARDS_DIR
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         self.arrow_path = self.shards_dir / f"{self.name}.arrow"
@@ -83,14 +86,17 @@ class ShardWriter:
         return False
 
     def write(self, rows: dict[str, np.ndarray], hidden: dict[int, np.ndarray] | None = None) -> None:
-        """rows: column -> (B, T[, K]) arrays; hidden: layer -> (B*T, H) float16 arrays for the same windows."""
+        """rows: column -> (B, T[, K]) numpy arrays or encoded pyarrow arrays (see format.encode);
+        hidden: layer -> (B*T, H) float16 arrays for the same windows."""
         n = len(rows["window_index"])
         if self._rows + n > self.n_windows:
             raise ValueError(f"shard {self.name} planned for {self.n_windows} windows, got {self._rows + n}")
         cols = []
         for field in self.schema:
             arr = rows[field.name]
-            if field.name == "window_index":
+            if isinstance(arr, pa.Array):  # lists and binaries come encoded already
+                cols.append(arr.cast(field.type))
+            elif field.name == "window_index":
                 cols.append(pa.array(np.asarray(arr, dtype=np.int64)))
             else:
                 cols.append(_fixed_lists(arr, *arr.shape[1:]).cast(field.type))
@@ -116,7 +122,7 @@ class ShardWriter:
         # One record batch per shard: a memory-mapped reader then gets every column as a single zero-copy numpy view.
         table = pa.Table.from_batches(self._batches, schema=self.schema).combine_chunks()
         tmp = tmp_name(self.arrow_path)
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema, options=self.ipc_options) as writer:
             writer.write_table(table, max_chunksize=max(1, table.num_rows))
         files = {}
         if self._zarr_tmp is not None:

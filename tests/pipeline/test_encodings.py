@@ -1,0 +1,125 @@
+"""Sampled targets and the compact encoding through real captures: decode agreement, the independent reader of
+docs/FORMAT.md, and byte-identical resume with sampling on."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.config import PrecomputeConfig
+from pipeline.format import open_dataset, verify_dataset
+from pipeline.precompute import precompute
+
+from .test_format_doc import DOC
+
+T, K, N = 16, 8, 12
+
+
+def capture(teacher, data, out, **kw):
+    cfg = dict(teacher=str(teacher), data=[str(data)], out=str(out), seq_len=T, top_k=K, batch_size=4, shard_size=5,
+               max_tokens=400, progress=False, samples=N)
+    cfg.update(kw)
+    return precompute(PrecomputeConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, teacher_dir, corpus_dir):
+    base = tmp_path_factory.mktemp("enc")
+    exact = capture(teacher_dir, corpus_dir, base / "exact", targets="both")
+    compact = capture(teacher_dir, corpus_dir, base / "compact", targets="both", encoding="compact")
+    return base / "exact", base / "compact", exact, compact
+
+
+def test_compact_decodes_to_the_exact_targets(pair):
+    exact, compact, _, m = pair
+    assert m["capture"]["id_bits"] == 9 and m["capture"]["count_bits"] == 4  # vocab 320, N 12
+    a, b = open_dataset(exact), open_dataset(compact)
+    for sa, sb in zip(a.shards, b.shards):
+        ia, la = sa.sparse_targets("topk")
+        ib, lb = sb.sparse_targets("topk")
+        np.testing.assert_array_equal(ia, ib)
+        step = (la[..., :1] - la[..., -1:]) / ((1 << m["capture"]["logprob_bits"]) - 1)
+        assert (np.abs(la - lb) <= np.abs(step) / 2 + 2e-3).all()
+        # sampled targets are the same draws in both encodings
+        for x, y in zip(sa.sparse_targets("sampled"), sb.sparse_targets("sampled")):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_sampled_targets_are_consistent(pair):
+    exact, _, m, _ = pair
+    ds = open_dataset(exact)
+    for shard in ds.shards:
+        ids, lp = shard.sparse_targets("sampled")
+        counts = np.rint(np.exp(lp.astype(np.float64)) * N)
+        assert (counts.sum(-1) == N).all()
+        n = shard.column("sample_n")
+        assert ((np.isfinite(lp)).sum(-1) == n).all()
+    assert 1 <= m["totals"]["sample_unique_mean"] <= N
+    assert 0 < m["totals"]["sample_mass_mean"] <= 1.0001
+    verify_dataset(exact)
+
+
+def test_compact_is_smaller_and_its_fidelity_is_recorded(pair):
+    _, _, me, mc = pair
+    assert mc["totals"]["bytes_per_token"] < me["totals"]["bytes_per_token"]
+    assert mc["totals"]["recon_kl_mean"] - me["totals"]["recon_kl_mean"] < 1e-3
+    for rec in mc["shards"]:
+        assert {"topk_mass", "recon_kl", "sample_unique", "sample_mass", "sample_rkl"} <= set(rec["stats"])
+
+
+def test_independent_reader_from_format_doc_decodes_a_compact_shard(pair):
+    _, compact, _, _ = pair
+    block = next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if "unpack(" in b)
+    scope: dict = {}
+    exec(block.replace('root = "DATASET"', f'root = "{compact}"'), scope)
+    shard = open_dataset(compact).shards[0]
+    ids, lp = shard.sparse_targets("topk")
+    np.testing.assert_array_equal(scope["topk_ids"], ids)
+    np.testing.assert_allclose(scope["topk_logprobs"], lp, atol=1e-6)
+    sids, slp = shard.sparse_targets("sampled")
+    for w, positions in enumerate(scope["samples"]):
+        for t, (pid, pc) in enumerate(positions):
+            np.testing.assert_array_equal(pid, sids[w, t, : len(pid)])
+            np.testing.assert_allclose(np.log(pc / N), slp[w, t, : len(pc)], atol=1e-6)
+
+
+def test_zstd_compression_round_trips(tmp_path, teacher_dir, corpus_dir):
+    m = capture(teacher_dir, corpus_dir, tmp_path / "z", compression="zstd")
+    ref = capture(teacher_dir, corpus_dir, tmp_path / "plain")
+    a, b = open_dataset(tmp_path / "z"), open_dataset(tmp_path / "plain")
+    np.testing.assert_array_equal(a.shards[0].column("topk_logprobs"), b.shards[0].column("topk_logprobs"))
+    assert m["capture"]["compression"] == "zstd" and m["totals"]["bytes"] != ref["totals"]["bytes"]
+    import datasets
+
+    assert len(datasets.Dataset.from_file(str(tmp_path / "z" / "shards" / "00000.arrow"))) == a.shards[0].windows
+
+
+@pytest.mark.slow
+def test_resume_with_sampling_is_byte_identical(tmp_path, teacher_dir, corpus_dir):
+    def cmd(out):
+        return [sys.executable, "-m", "pipeline.cli", "precompute", "--teacher", str(teacher_dir), "--data", str(corpus_dir),
+                "--out", str(out), "--seq-len", "32", "--targets", "both", "--samples", "16", "--encoding", "compact",
+                "--top-k", "8", "--batch-size", "2", "--shard-size", "2", "--max-tokens", "3000", "--no-progress", "--device", "cpu"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "_progress").glob("shard-*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    subprocess.run(cmd(out), check=True, env=env, capture_output=True)
+    files = lambda root: {p.name: p.read_bytes() for p in sorted((root / "shards").iterdir())}  # noqa: E731
+    assert files(out) == files(tmp_path / "ref")
+    assert json.loads((out / "manifest.json").read_text())["capture"]["targets"] == ["topk", "sampled"]
