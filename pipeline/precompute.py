@@ -14,6 +14,7 @@ import queue
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)  # noqa: E731
     bar = tqdm(desc=f"capture rank {cfg.rank}" if cfg.world_size > 1 else "capture", unit="tok", unit_scale=True,
                total=sum(shard_windows(s) for s in mine) * cfg.seq_len, disable=not cfg.progress)
+    started = time.perf_counter()
     try:
         with torch.inference_mode():
             for s in mine:
@@ -123,19 +125,24 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                     bar.update(nb * cfg.seq_len)
                 writer.close_shard()
         writer.join()
+        seconds = time.perf_counter() - started
     finally:
         writer.stop()
         bar.close()
 
     # --- finish: this rank's marker; the manifest once every shard is present ---------------------------------------
-    write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}.json", {"shards": n_shards, "windows": n_windows})
+    captured = sum(shard_windows(s) for s in mine) * cfg.seq_len
+    session = {"rank": cfg.rank, "world_size": cfg.world_size, "shards": len(mine), "tokens": captured, "seconds": round(seconds, 3),
+               "tokens_per_second": round(captured / seconds, 1) if seconds > 0 and captured else None, "device": str(device)}
+    write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}-{os.getpid()}.json", session)
     done = [progress_dir / f"shard-{shard_name(s)}.json" for s in range(n_shards)]
     if not all(p.exists() for p in done):
         missing = sum(not p.exists() for p in done)
         print(f"rank {cfg.rank} done; {missing} shard(s) of other ranks still missing, manifest not written yet", file=sys.stderr)
         return {"rank": cfg.rank, "shards": n_shards, "missing": missing}
     records = [json.loads(p.read_text()) for p in done]
-    manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, spec, records, out)
+    sessions = [json.loads(p.read_text()) for p in sorted(progress_dir.glob("rank-*.json"))]
+    manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, spec, records, sessions, out)
     write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(progress_dir, ignore_errors=True)
     return manifest
@@ -277,7 +284,7 @@ def save_tokenizer(tokenizer, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_manifest(cfg, teacher, tok, files, meta, settings, schema, spec, records, out: Path) -> dict:
+def build_manifest(cfg, teacher, tok, files, meta, settings, schema, spec, records, sessions, out: Path) -> dict:
     tokens = sum(r["tokens"] for r in records)
     valid = sum(r["valid_tokens"] for r in records)
     size = sum(r["bytes"] for r in records)
@@ -292,7 +299,8 @@ def build_manifest(cfg, teacher, tok, files, meta, settings, schema, spec, recor
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "created_by": {"tool": "offline-distill", "version": TOOL_VERSION, "command": cfg.command},
+        # sessions: one entry per process run that captured shards (a resumed capture has several)
+        "created_by": {"tool": "offline-distill", "version": TOOL_VERSION, "command": cfg.command, "sessions": sessions},
         "teacher": teacher,
         "tokenizer": tok | {"path": "tokenizer", "files": tok_files},
         "corpus": {
