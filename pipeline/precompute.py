@@ -25,7 +25,7 @@ from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_
 from .format.bitpack import bits_for
 from .format.encode import encode_rows
 from .format.files import list_files, remove_temp_files, sha256_file
-from .format.schema import schema_description
+from .format.schema import SHARD_NAME_DIGITS, schema_description
 
 TOOL_VERSION = "0.1.0"
 WRITE_QUEUE_BATCHES = 4  # how far the teacher may run ahead of the disk
@@ -75,7 +75,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     widths = {layer: teacher["hidden_size"] for layer in layers}
     spec = capture_spec(cfg, vocab, tok_dtype, layers, widths)
     settings |= {k: spec[k] for k in SETTINGS_FROM_CAPTURE if k in spec}
-    existing = prepare_output(out, settings)
+    existing = prepare_output(out, settings, cfg.rank, cfg.world_size)
     if existing is not None:
         print(f"{out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
         return existing
@@ -134,14 +134,20 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     captured = sum(shard_windows(s) for s in mine) * cfg.seq_len
     session = {"rank": cfg.rank, "world_size": cfg.world_size, "shards": len(mine), "tokens": captured, "seconds": round(seconds, 3),
                "tokens_per_second": round(captured / seconds, 1) if seconds > 0 and captured else None, "device": str(device)}
-    write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}-{os.getpid()}.json", session)
-    done = [progress_dir / f"shard-{shard_name(s)}.json" for s in range(n_shards)]
-    if not all(p.exists() for p in done):
+    try:
+        write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}-{os.getpid()}.json", session)
+        done = [progress_dir / f"shard-{shard_name(s)}.json" for s in range(n_shards)]
         missing = sum(not p.exists() for p in done)
-        print(f"rank {cfg.rank} done; {missing} shard(s) of other ranks still missing, manifest not written yet", file=sys.stderr)
-        return {"rank": cfg.rank, "shards": n_shards, "missing": missing}
-    records = [json.loads(p.read_text()) for p in done]
-    sessions = [json.loads(p.read_text()) for p in sorted(progress_dir.glob("rank-*.json"))]
+        if missing:
+            print(f"rank {cfg.rank} done; {missing} shard(s) of other ranks still missing, manifest not written yet", file=sys.stderr)
+            return {"rank": cfg.rank, "shards": n_shards, "missing": missing}
+        records = [json.loads(p.read_text()) for p in done]
+        sessions = [json.loads(p.read_text()) for p in sorted(progress_dir.glob("rank-*.json"))]
+    except FileNotFoundError:
+        # another rank finished at the same moment, wrote the manifest and removed _progress
+        if (out / MANIFEST).exists():
+            return json.loads((out / MANIFEST).read_text())
+        raise
     manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, spec, records, sessions, out)
     write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(progress_dir, ignore_errors=True)
@@ -236,7 +242,7 @@ def check_model_settings(cfg: PrecomputeConfig, config, teacher: dict) -> list[i
     return sorted(layers)
 
 
-def prepare_output(out: Path, settings: dict) -> dict | None:
+def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1) -> dict | None:
     """Create or resume the output folder. Returns the manifest when the dataset is already complete.
 
     Refuses a folder holding something else, or a capture made with other settings (naming each that differs).
@@ -264,8 +270,8 @@ def prepare_output(out: Path, settings: dict) -> dict | None:
             return previous
     progress.mkdir(parents=True, exist_ok=True)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
-    remove_temp_files(out / SHARDS_DIR)
-    remove_temp_files(progress)
+    mine = lambda name: name[:SHARD_NAME_DIGITS].isdigit() and int(name[:SHARD_NAME_DIGITS]) % world_size == rank  # noqa: E731
+    remove_temp_files(out / SHARDS_DIR, mine)
     if not (progress / "settings.json").exists():
         write_json_atomic(progress / "settings.json", settings)
     return None

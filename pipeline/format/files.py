@@ -54,12 +54,15 @@ def replace_path(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def remove_temp_files(folder: Path) -> None:
-    """Delete leftovers of a killed run (names containing `.tmp-`)."""
+def remove_temp_files(folder: Path, owned=lambda name: True) -> None:
+    """Delete leftovers of a killed run (names containing `.tmp-`) for which `owned(name)` holds.
+
+    With several ranks sharing a folder, each removes only its own shards' leftovers: another rank may be writing now.
+    """
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        if ".tmp-" in p.name:
+        if ".tmp-" in p.name and owned(p.name):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 

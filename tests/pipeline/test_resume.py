@@ -49,3 +49,15 @@ def test_sigkill_and_resume_is_byte_identical(tmp_path, teacher_dir, corpus_dir)
     assert shard_files(out) == shard_files(ref)
     assert first.stat().st_mtime_ns == stamp, "a finished shard was recomputed instead of skipped"
     assert not list((out / "shards").glob("*.tmp-*"))
+
+
+def test_two_concurrent_ranks_equal_one_process(tmp_path, teacher_dir, corpus_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(cmd(teacher_dir, corpus_dir, one), check=True, env=env, capture_output=True)
+    procs = [subprocess.Popen(cmd(teacher_dir, corpus_dir, two) + ["--rank", str(r), "--world-size", "2"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in (0, 1)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()[-2000:]
+    assert (two / "manifest.json").exists() and not (two / "_progress").exists()
+    assert shard_files(two) == shard_files(one)
