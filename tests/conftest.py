@@ -23,6 +23,15 @@ def corpus_texts() -> list[str]:
     return [(STDLIB / name).read_text(encoding="utf-8") for name in CORPUS_FILES if (STDLIB / name).exists()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads cost ~10x.
+    Subprocess tests pass OMP_NUM_THREADS=1 too, so in- and out-of-process runs compute alike."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A folder of real Python source files (one document each)."""

@@ -124,9 +124,12 @@ class Shard:
             raise FormatError(f"shard {self.name} layer {layer} has {arr.shape[0]} tokens, expected {self.windows * self.dataset.seq_len}")
         return arr
 
-    def verify_checksums(self) -> None:
-        """Recompute the sha256 of every file of this shard; raise FormatError naming the first mismatch."""
+    def verify_checksums(self, hidden: bool = True) -> None:
+        """Recompute the sha256 of every file of this shard (the Zarr files only when `hidden`); raise FormatError
+        naming the first mismatch."""
         for rel, meta in self.files.items():
+            if not hidden and ".zarr/" in rel:
+                continue
             path = f"{self.dataset.root}/{SHARDS_DIR}/{rel}"
             h = hashlib.sha256()
             try:
@@ -134,7 +137,7 @@ class Shard:
                     while block := f.read(HASH_BLOCK):
                         h.update(block)
             except FileNotFoundError:
-                raise FormatError(f"shard {self.name}: file {rel} listed in the manifest is missing")
+                raise FormatError(f"shard {self.name}: file {rel} listed in the manifest is missing; re-copy the dataset")
             if h.hexdigest() != meta["sha256"]:
                 raise FormatError(
                     f"shard {self.name}: checksum mismatch in {rel} (manifest {meta['sha256'][:12]}…, file {h.hexdigest()[:12]}…); "

@@ -1,0 +1,136 @@
+"""scripts/make_corpus.py and scripts/make_teacher.py on a tiny fake stdlib, with tiny budgets (seconds, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    """Import a script by path (scripts/ is not a package), once, under its own name as make_teacher does."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+make_corpus = _load("make_corpus")
+
+# Chosen so the split has both sides: these names hash to held-out (pinned in test_split_is_pinned).
+HELDOUT_NAMES = ["mod15.py", "mod47.py"]
+TRAIN_NAMES = ["mod0.py", "mod1.py", "pkg/__init__.py", "pkg/core.py", "unittest/case.py", "deep/a/b/c.py"]
+EXCLUDED = ["test/test_os.py", "tests/t.py", "pkg/tests/t.py", "deep/a/test/x.py", "idlelib/idle_test/t.py",
+            "site-packages/foo/bar.py"]
+
+
+def _source(i: int) -> str:
+    """Python-looking text with enough repetition for a tiny BPE to learn merges and a tiny model to fit."""
+    lines = [f"def function_{i}_{j}(value, other=None):\n    if other is None:\n        return value + {j}\n"
+             f"    return [value, other, {i}]\n\n" for j in range(12)]
+    return f'"""Module {i}."""\nimport os\n\n' + "".join(lines)
+
+
+@pytest.fixture
+def fake_stdlib(tmp_path) -> Path:
+    root = tmp_path / "stdlib"
+    for i, rel in enumerate(HELDOUT_NAMES + TRAIN_NAMES + EXCLUDED):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(_source(i))
+    (root / "latin1.py").write_bytes(b"# caf\xe9\nx = 1\n")  # not UTF-8: skipped and counted
+    (root / "notes.txt").write_text("not python\n")
+    return root
+
+
+def _paths(jsonl: Path) -> list[str]:
+    return [json.loads(line)["path"] for line in jsonl.read_text().splitlines()]
+
+
+def test_split_is_pinned():
+    # The split must never move silently: held-out CE numbers across runs and machines depend on it.
+    assert all(make_corpus.is_heldout(p) for p in HELDOUT_NAMES + ["argparse.py", "asyncio/events.py"])
+    assert not any(make_corpus.is_heldout(p) for p in TRAIN_NAMES + ["os.py", "typing.py"])
+    rate = sum(make_corpus.is_heldout(f"pkg{i}/mod{i}.py") for i in range(4000)) / 4000
+    assert 0.04 < rate < 0.06
+
+
+def test_build_corpus_splits_excludes_and_reuses(fake_stdlib, tmp_path):
+    out = tmp_path / "corpus"
+    info = make_corpus.build_corpus(out, stdlib=fake_stdlib)
+
+    assert not info["reused"]
+    assert _paths(out / "heldout.jsonl") == sorted(HELDOUT_NAMES)
+    assert _paths(out / "train.jsonl") == sorted(TRAIN_NAMES)  # sorted, and no test folder at any depth
+    assert info["skipped"] == 1 and info["skipped_paths"] == ["latin1.py"]
+    assert info["files"] == len(HELDOUT_NAMES + TRAIN_NAMES)
+    assert json.loads((out / "corpus.json").read_text())["splits"]["train"]["files"] == len(TRAIN_NAMES)
+    first = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    assert first["text"] == (fake_stdlib / first["path"]).read_text()
+    assert not list(out.glob(".*tmp*"))  # temp files renamed away
+
+    # same recipe: reused; another folder: byte-identical output
+    assert make_corpus.build_corpus(out, stdlib=fake_stdlib)["reused"]
+    other = make_corpus.build_corpus(tmp_path / "again", stdlib=fake_stdlib)
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    assert other["splits"] == info["splits"]
+
+    # a different split rule is a different recipe: rebuilt
+    rebuilt = make_corpus.build_corpus(out, stdlib=fake_stdlib, heldout_percent=50)
+    assert not rebuilt["reused"] and rebuilt["recipe"] != info["recipe"]
+
+
+TINY = ["--vocab-size", "300", "--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
+        "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "256", "--warmup-steps", "1"]
+
+
+def test_make_teacher_tiny_saves_loadable_and_reuses(fake_stdlib, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    make_teacher = _load("make_teacher")
+    args = ["--cache-dir", str(tmp_path / "cache"), "--stdlib", str(fake_stdlib), *TINY]
+    make_teacher.main(args)
+    captured = capsys.readouterr()
+    folder = Path(captured.out.strip().splitlines()[-1])
+
+    assert folder.parent == tmp_path / "cache" and folder.name.startswith("teacher-")
+    report = json.loads((folder / "teacher.json").read_text())
+    assert report["steps"] == 3 and report["tokens_seen"] == 3 * 2 * 32
+    assert report["heldout_ce"] > 0 and report["unigram_ce"] > 0
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert tok.eos_token == tok.bos_token == tok.pad_token == "<|endoftext|>"
+    assert model.config.eos_token_id == tok.eos_token_id == 0 and model.config.vocab_size == len(tok) == 300
+    text = "def function_1_2(value, other=None):\n    return value\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), 300) and torch.isfinite(logits).all()
+
+    # unchanged recipe: cached teacher reused, same path; --out copies it and prints the copy
+    out = tmp_path / "teacher"
+    make_teacher.main(args + ["--out", str(out)])
+    captured = capsys.readouterr()
+    assert "reusing cached teacher at" in captured.err
+    assert captured.out.strip().splitlines()[-1] == str(out)
+    assert (out / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+    # a setting that changes the result is a new recipe, hence a new folder
+    make_teacher.main(args + ["--seed", "1"])
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) != folder
+
+
+def test_make_teacher_rejects_bad_config_naming_every_problem():
+    make_teacher = _load("make_teacher")
+    cfg = make_teacher.parse_args(["--hidden", "30", "--heads", "4", "--vocab-size", "70000"])
+    with pytest.raises(ValueError, match=r"(?s)vocab-size 70000.*--hidden 30 must be divisible by --heads 4"):
+        make_teacher.validate(cfg)

@@ -1,0 +1,104 @@
+"""Checkpoints of a training run: written atomically, the last K kept, found again by `--resume`.
+
+Called by `trainer.train`. Layout: `OUT/checkpoints/step-000100/` holds the student as `save_pretrained` writes it (so a
+checkpoint is itself a loadable model) and `state.pt` (optimizer, scheduler, reader position, projections, RNG states
+of every rank, step). Everything is written under a `.tmp-PID` name, fsynced, then renamed: a run killed mid-save leaves
+only a temp folder, which the next run deletes. `state.pt` holds only tensors and plain containers, so it loads with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.format.files import remove_temp_files
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.pt"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, folder), oldest first; temp folders of killed saves are not listed."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(out: Path, step: int, model, state: dict, keep_last: int) -> Path:
+    """Write model + state for `step` atomically, then delete all but the newest `keep_last` checkpoints."""
+    final = checkpoint_dir(out, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(final.parent)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    model.save_pretrained(str(tmp))
+    torch.save(state, tmp / STATE)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. a finished run resumed): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(folder: Path, device: str | torch.device = "cpu") -> dict:
+    return torch.load(Path(folder) / STATE, map_location=device, weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every random number generator this process uses, as tensors and plain containers (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "cached": cached},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,250 @@
+"""TrainConfig and EvalConfig: every setting of `distill train` / `distill eval`, shared by the CLI and the Python API.
+
+Imports no torch, so `distill --help` stays light. The CLI help text is the docstring under each field (`field_help`).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import typing
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+from pipeline.errors import UserError
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd")
+TAILS = ("tail", "renormalize", "uniform")
+HIDDEN_LOSSES = ("mse", "cosine")
+DTYPES = ("auto", "bfloat16", "float32")
+LOSS_IMPLS = ("fused", "plain")
+TARGETS = ("auto", "topk", "sampled")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    """Dataset folder or fsspec URL (file://, s3://, ...) written by `distill precompute`."""
+    out: str
+    """Run folder: checkpoints, metrics.jsonl, run.json and, at the end, the student (loadable with from_pretrained)."""
+    student: str | None = None
+    """Student to start from: a local folder or a Hugging Face hub id of a causal LM."""
+    student_config: str | None = None
+    """Start from random weights built from this config.json instead (uses the dataset's tokenizer)."""
+    online_teacher: str | None = None
+    """Baseline: run this teacher at every step and distill from its full-vocabulary logits instead of the stored ones."""
+    targets: str = "auto"
+    """Stored teacher targets to distill from: topk, sampled, or auto (the dataset's first stored kind)."""
+    loss: str = "forward_kl"
+    """Distillation divergence: forward_kl, reverse_kl or jsd."""
+    tail: str = "renormalize"
+    """How the teacher mass outside the stored top-k is treated: tail (one extra bucket), renormalize or uniform."""
+    alpha: float = 0.5
+    """Weight of the cross-entropy on the real next token; the distillation term gets 1 - alpha (1 = CE only)."""
+    ce_only: bool = False
+    """CE-only baseline on the same data order: same as --alpha 1."""
+    temperature: float = 1.0
+    """Softening temperature of both distributions in the distillation term (the term is scaled by T^2)."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state loss (0 = off). Needs a dataset captured with --hidden-layers."""
+    hidden_map: str | None = None
+    """Student:teacher hidden_states indices, e.g. '1:2,2:4' (default: evenly spaced over the layers)."""
+    hidden_loss: str = "mse"
+    """Hidden-state loss: mse or cosine, after a learned linear projection of the student's states."""
+    steps: int | None = None
+    """Optimizer steps to run (default: --epochs 1)."""
+    epochs: int | None = None
+    """Passes over the dataset, when --steps is not given."""
+    batch_size: int = 8
+    """Windows per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    warmup: int = 100
+    """Steps of linear warmup; cosine decay to zero follows."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to norms and biases)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bfloat16 autocast on CUDA with bf16 support, else float32), bfloat16 or float32. Weights stay float32."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK."""
+    seed: int = 0
+    """Seed of the student init, the data order and every random number generator."""
+    save_every: int = 1000
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 3
+    """Checkpoints to keep; older ones are deleted."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in --out (needed to reuse a folder that holds a run)."""
+    eval_data: str | None = None
+    """Held-out dataset to evaluate on during training and at the end."""
+    eval_every: int | None = None
+    """Evaluate on --eval-data every this many steps (default: only at the end)."""
+    eval_batches: int | None = None
+    """Evaluate on at most this many batches per process (default: the whole --eval-data)."""
+    workers: int = 0
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    log_every: int = 1
+    """Write a metrics.jsonl line (and refresh the progress bar) every this many steps."""
+    loss_impl: str = "fused"
+    """fused: chunked loss from the last hidden state, never building full logits; plain: full logits (for checking)."""
+    chunk_size: int = 1024
+    """Positions per chunk in the fused loss and in evaluation (bounds the memory of the logits)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the student's or teacher's repository to run. Only for models you trust."""
+    progress: bool = True
+    """Show a progress bar."""
+    record_windows: bool = False
+    """Debug: record the window_index of every sample each step in metrics.jsonl (all ranks gathered)."""
+    step_sleep: float = 0.0
+    """Debug: sleep this many seconds after each step (lets crash tests kill a run mid-way)."""
+    command: list[str] | None = None
+    """Command line recorded in run.json (set by the CLI)."""
+
+    def resolve(self) -> "TrainConfig":
+        """Apply conveniences (--ce-only, default --epochs 1) and check every value; raise one UserError listing all problems."""
+        if self.ce_only:
+            self.alpha = 1.0
+        if self.steps is None and self.epochs is None:
+            self.epochs = 1
+        problems = []
+        if (self.student is None) == (self.student_config is None):
+            problems.append("give exactly one of --student PATH_OR_HUB_ID and --student-config CONFIG.json")
+        if self.steps is not None and self.epochs is not None:
+            problems.append("give --steps or --epochs, not both")
+        for name, choices in (("loss", LOSSES), ("tail", TAILS), ("hidden_loss", HIDDEN_LOSSES), ("dtype", DTYPES),
+                              ("loss_impl", LOSS_IMPLS), ("targets", TARGETS)):
+            if getattr(self, name) not in choices:
+                problems.append(f"--{_flag(name)} is {getattr(self, name)!r}; expected one of {', '.join(choices)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"--alpha is {self.alpha}; expected a value in [0, 1]")
+        if self.temperature <= 0:
+            problems.append(f"--temperature is {self.temperature}; expected a positive value")
+        for name in ("hidden_weight", "weight_decay", "max_grad_norm", "step_sleep"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{_flag(name)} is {getattr(self, name)}; expected 0 or more")
+        for name in ("steps", "epochs", "batch_size", "grad_accum", "save_every", "keep_last", "eval_every",
+                     "eval_batches", "log_every", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{_flag(name)} is {value}; expected a positive integer")
+        if self.warmup < 0 or self.workers < 0:
+            problems.append("--warmup and --workers must be 0 or more")
+        if self.lr <= 0:
+            problems.append(f"--lr is {self.lr}; expected a positive value")
+        if self.online_teacher and self.hidden_weight > 0:
+            problems.append("--hidden-weight is not supported with --online-teacher; drop one of them")
+        if (self.eval_every or self.eval_batches) and not self.eval_data:
+            problems.append("--eval-every/--eval-batches need --eval-data; pass a held-out dataset")
+        if self.hidden_map and self.hidden_weight == 0:
+            problems.append("--hidden-map given but --hidden-weight is 0; pass --hidden-weight > 0 to use it")
+        if problems:
+            raise UserError("; ".join(problems))
+        return self
+
+
+@dataclass
+class EvalConfig:
+    student: str
+    """Student to evaluate: a folder written by `distill train` (or any causal LM folder / hub id)."""
+    data: str
+    """Held-out dataset folder or fsspec URL written by `distill precompute`."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    max_batches: int | None = None
+    """Stop after this many batches (default: the whole dataset)."""
+    dtype: str = "float32"
+    """Compute dtype: auto, bfloat16 or float32."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    chunk_size: int = 1024
+    """Positions per chunk when computing logits (bounds memory)."""
+    trust_remote_code: bool = False
+    """Allow model code from the student's repository to run. Only for models you trust."""
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@lru_cache(maxsize=None)
+def field_help(cls) -> dict[str, str]:
+    """Field name -> the docstring written under it (the CLI's help text comes from the same words)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            out[node.target.id] = " ".join(str(nxt.value.value).split())
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    """Read a YAML or JSON config whose keys are TrainConfig fields (dashes or underscores); refuse unknown keys."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    import yaml  # YAML is a superset of JSON, so one parser reads both
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path} is not valid YAML or JSON: {' '.join(str(e).split())}")
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path} must hold a mapping of option names to values")
+    known = {f.name for f in fields(TrainConfig)} - {"command"}
+    out = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(out) - known)
+    if unknown:
+        raise UserError(f"--config {path} has unknown keys {unknown}; valid keys are the `distill train` flags")
+    problems = []
+    for name, value in out.items():
+        try:
+            out[name] = _coerce(TrainConfig, name, value)
+        except (TypeError, ValueError):
+            problems.append(f"{name}: {value!r}")
+    if problems:
+        raise UserError(f"--config {path} has values of the wrong type ({', '.join(problems)}); use the flags' types")
+    return out
+
+
+def _coerce(cls, name: str, value):
+    """A config-file value as the field's type: YAML reads `lr: 3e-4` as a string, for one."""
+    hint = typing.get_type_hints(cls)[name]
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if value is None or kinds[0] not in (int, float, bool):
+        return value
+    if kinds[0] is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(name)
+    if isinstance(value, bool):
+        raise TypeError(name)
+    if kinds[0] is int and float(value) != int(float(value)):
+        raise ValueError(name)
+    return int(float(value)) if kinds[0] is int else float(value)
+
+
+# Fields whose change alters the training trajectory: a resumed run must use the same values as the checkpoint.
+TRAJECTORY_FIELDS = (
+    "student", "student_config", "online_teacher", "targets", "loss", "tail", "alpha", "temperature", "hidden_weight", "hidden_map",
+    "hidden_loss", "steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "dtype",
+    "seed", "loss_impl",
+)
+
+
+def trajectory_diff(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Flags whose value differs from the run being resumed, as 'name: saved -> now'."""
+    return [
+        f"--{_flag(k)}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+        for k in TRAJECTORY_FIELDS
+        if k in saved and saved[k] != getattr(cfg, k)
+    ]
+

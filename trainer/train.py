@@ -1,0 +1,308 @@
+"""Stage two, top-down: `train(cfg)` streams a logit dataset into a student, checkpoints, resumes exactly, evaluates.
+
+dataset + run folder + student (every refusal before any step) → model, losses, optimizer → resume point → loop
+(micro-batches, accumulation, clipping, AdamW, warmup + cosine) → checkpoints, metrics, evaluation → the saved student.
+Runs alone or under torchrun (DDP: each rank reads its own part of the data; only rank 0 writes). Called by
+`distill train` (trainer/cli.py) and from Python; returns the final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.format import open_dataset, write_json_atomic
+
+from . import losses
+from .checkpoint import CHECKPOINTS, latest_checkpoint, load_state, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .config import TrainConfig, trajectory_diff
+from .data import WindowReader, make_loader, stored_target_kind
+from .distributed import (all_gather_objects, all_reduce_sum, barrier, broadcast_error, close_distributed, dist_env,
+                          init_distributed, resolve_device_dtype)
+from .evaluate import evaluate_batches, finish_metrics, metric_sums
+from .online import load_online_teacher, online_teacher_logits
+from .student import (DistillStep, compatibility_problems, dataset_tokenizer, fused_blocker, load_pretrained, load_student,
+                      load_tokenizer, resolve_layer_map)
+
+TRAIN_CONFIG, METRICS, RUN = "train_config.json", "metrics.jsonl", "run.json"
+
+
+def train(cfg: TrainConfig) -> dict:
+    cfg.resolve()
+    # --- processes, device ------------------------------------------------------------------------------------------
+    rank, world, local_rank = dist_env()
+    device, amp_dtype = resolve_device_dtype(cfg.device, cfg.dtype, local_rank)
+    init_distributed(world, device)
+    _quiet_transformers()
+
+    # --- dataset, run folder, student: every refusal happens here, before any step ---------------------------------
+    ds = open_dataset(cfg.data)
+    eval_ds = open_dataset(cfg.eval_data) if cfg.eval_data else None
+    out = Path(cfg.out)
+    ckpt = resume_point(out, cfg, ds)
+    if ckpt is not None:  # the checkpoint is a complete model folder; the tokenizer is still the original student's
+        model, tokenizer = load_pretrained(str(ckpt), cfg.trust_remote_code), None
+        if cfg.student:
+            tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code)
+    else:
+        model, tokenizer = load_student(cfg, ds)
+    problems = compatibility_problems(model, tokenizer, ds)
+    layer_map, more = resolve_layer_map(cfg, model, ds)
+    targets, more2 = target_kind(cfg, ds)
+    problems += more + more2
+    if eval_ds is not None:
+        problems += [f"--eval-data: {p}" for p in compatibility_problems(model, tokenizer, eval_ds)]
+    teacher = None
+    if cfg.online_teacher:
+        teacher, more = load_online_teacher(cfg.online_teacher, ds, device, amp_dtype, cfg.trust_remote_code)
+        problems += more
+    broadcast_error(problems)
+    fused = cfg.loss_impl == "fused" and fused_blocker(model) is None
+
+    # --- model, losses, optimizer, schedule --------------------------------------------------------------------------
+    seed_everything(cfg.seed)  # same projection init on every rank
+    d_teacher = next((x["width"] for x in ds.capture.get("hidden_layers", []) if x["index"] in layer_map.values()), 0)
+    projections = losses.make_projections(layer_map, model.config.hidden_size, d_teacher) if layer_map else nn.ModuleDict()
+    model.to(device).train()
+    projections.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_cfg = losses.LossConfig(loss=cfg.loss, tail=cfg.tail, alpha=cfg.alpha, temperature=cfg.temperature,
+                                 chunk_size=cfg.chunk_size)
+    step_fn = DistillStep(model, projections, loss_cfg, layer_map, cfg.hidden_weight, cfg.hidden_loss, fused)
+    ddp = step_fn
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(step_fn, cfg, device)
+    reader = WindowReader(ds, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, targets=targets,
+                          hidden_layers=tuple(sorted(set(layer_map.values()))))
+    total_steps = cfg.steps or max(1, cfg.epochs * reader.batches_per_epoch // cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, total_steps))
+    eval_reader = None
+    if eval_ds is not None:
+        eval_reader = WindowReader(eval_ds, cfg.batch_size, rank=rank, world_size=world, shuffle=False, epochs=1,
+                                   targets=stored_target_kind(eval_ds))
+
+    # --- resume or start ---------------------------------------------------------------------------------------------
+    step = 0
+    if ckpt is not None:
+        state = load_state(ckpt)
+        reader.load_state_dict(state["reader"])  # refuses another dataset, seed, batch size or process count
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        projections.load_state_dict(state["projections"])
+        set_rng_state(state["rng"][rank])
+        step = int(state["step"])
+    else:
+        torch.manual_seed(cfg.seed + rank)  # dropout differs across ranks; the weights above are the same everywhere
+    if rank == 0:
+        start_run_folder(out, cfg, ds, step)
+    barrier()
+
+    # --- loop --------------------------------------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    loader = iter(make_loader(reader, cfg.workers, cfg.seed, pin_memory=device.type == "cuda"))
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
+    params = [p for p in step_fn.parameters() if p.requires_grad]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # token-weighted loss, ce, kd, hidden; tokens; inputs
+    windows, last, t_log = [], {}, time.perf_counter()
+    while step < total_steps:
+        for micro in range(cfg.grad_accum):
+            batch = next(loader)
+            if "error" in batch:  # a reader error handed over as data (see WindowReader.__iter__)
+                del loader  # stop the workers now, not when the traceback is collected
+                raise batch["error"]
+            inputs = model_inputs(batch, device)
+            if teacher is not None:
+                inputs["teacher_logits"] = online_teacher_logits(teacher, inputs["input_ids"], amp_dtype)  # (B, T, V)
+            sync = ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                with autocast():
+                    res = ddp(**inputs)
+                (res["loss"] / cfg.grad_accum).backward()
+            reader.advance(batch)
+            n = res["n_tokens"].double()
+            sums += torch.stack([res["loss"].detach().double() * n, res["ce"].double() * n, res["kd"].double() * n,
+                                 res["hidden"].double() * n, n, n.new_tensor(batch["input_ids"].numel())])
+            if cfg.record_windows:
+                windows += batch["window_index"].tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            last = step_metrics(step, all_reduce_sum(sums), reader, lr, grad_norm, time.perf_counter() - t_log)
+            if cfg.record_windows:
+                last["windows"] = all_gather_objects(windows)  # per rank
+            if rank == 0:
+                append_jsonl(out / METRICS, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+            sums.zero_()
+            windows, t_log = [], time.perf_counter()
+        if step % cfg.save_every == 0 or step == total_steps:
+            rngs = all_gather_objects(rng_state())  # every rank's generators, so each resumes its own dropout stream
+            if rank == 0:
+                save_checkpoint(out, step, model, {
+                    "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "reader": reader.state_dict(), "projections": projections.state_dict(), "rng": rngs,
+                }, cfg.keep_last)
+            barrier()
+        if eval_reader is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            metrics = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
+            if rank == 0:
+                append_jsonl(out / METRICS, {"step": step, "eval": metrics})
+        if cfg.step_sleep:
+            time.sleep(cfg.step_sleep)
+    bar.close()
+    del loader  # stops its worker processes
+
+    # --- finish: final evaluation, the student with the teacher's tokenizer, run.json --------------------------------
+    final = dict(last or last_train_metrics(out / METRICS))
+    if eval_reader is not None:
+        final["eval"] = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
+        if rank == 0:
+            append_jsonl(out / METRICS, {"step": step, "eval": final["eval"]})
+    if rank == 0:
+        model.save_pretrained(str(out))
+        dataset_tokenizer(ds).save_pretrained(str(out))
+        write_json_atomic(out / RUN, {
+            "dataset": dataset_identity(ds), "eval_dataset": dataset_identity(eval_ds) if eval_ds else None,
+            "config": asdict(cfg), "world_size": world, "steps": total_steps, "batches_per_epoch": reader.batches_per_epoch,
+            "loss_impl": "fused" if fused else "plain", "hidden_layer_map": {str(k): v for k, v in layer_map.items()},
+            "final_metrics": final,
+        })
+    barrier()
+    close_distributed()
+    return final
+
+
+def target_kind(cfg: TrainConfig, ds) -> tuple[str, list[str]]:
+    """Which stored targets the loss reads ('topk', 'sampled' or 'none'), and why the dataset cannot serve the run."""
+    if cfg.online_teacher or cfg.alpha == 1.0:
+        return "none", []
+    if stored_target_kind(ds) == "none":
+        return "none", [f"dataset {ds.url} stores no teacher distribution (top_k=0); pass --ce-only, --online-teacher, "
+                        "or rerun precompute with --top-k"]
+    if cfg.targets == "auto":
+        return stored_target_kind(ds), []
+    if cfg.targets not in ds.target_kinds:
+        return "none", [f"--targets {cfg.targets}: the dataset stores {' and '.join(ds.target_kinds)} targets; pass "
+                        f"--targets {ds.target_kinds[0]} or rerun precompute with --targets {cfg.targets}"]
+    return cfg.targets, []
+
+
+def resume_point(out: Path, cfg: TrainConfig, ds) -> Path | None:
+    """The checkpoint to continue from (None: start fresh); refuses a folder holding another run or one it cannot continue."""
+    markers = [out / TRAIN_CONFIG, out / METRICS, out / RUN, out / CHECKPOINTS]
+    if not any(p.exists() for p in markers):
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--out {out} is not empty and holds no distill run; choose an empty or new folder")
+        return None
+    if not cfg.resume:
+        raise UserError(f"--out {out} holds another run; pass --resume to continue it, or choose a new --out")
+    saved = json.loads((out / TRAIN_CONFIG).read_text()) if (out / TRAIN_CONFIG).exists() else {}
+    if saved.get("dataset", {}).get("manifest_sha256", ds.manifest_sha256) != ds.manifest_sha256:
+        raise UserError(f"--out {out} holds a run on another dataset ({saved['dataset'].get('url')}); pass that --data, "
+                        "or choose a new --out")
+    diff = trajectory_diff(saved.get("config", {}), cfg)
+    if diff:
+        raise UserError(f"--resume with changed settings ({', '.join(diff)}); pass the settings recorded in "
+                        f"{out / TRAIN_CONFIG}, or choose a new --out")
+    return latest_checkpoint(out)
+
+
+def start_run_folder(out: Path, cfg: TrainConfig, ds, step: int) -> None:
+    """Record the config and dataset (first start) and drop metrics lines past the step being resumed from."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / TRAIN_CONFIG).exists():
+        write_json_atomic(out / TRAIN_CONFIG, {"config": asdict(cfg), "dataset": dataset_identity(ds)})
+    path = out / METRICS
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
+def dataset_identity(ds) -> dict:
+    return {"url": ds.url, "manifest_sha256": ds.manifest_sha256, "teacher": ds.manifest["teacher"].get("name_or_path"),
+            "windows": ds.windows, "seq_len": ds.seq_len, "top_k": ds.top_k}
+
+
+def step_metrics(step: int, sums: torch.Tensor, reader: WindowReader, lr: float, grad_norm, seconds: float) -> dict:
+    """One metrics.jsonl line from the token-weighted sums since the last line (summed over ranks)."""
+    tokens = max(float(sums[4]), 1.0)
+    return {"step": step, "epoch": round(reader.epoch + reader.batch_in_epoch / reader.batches_per_epoch, 4),
+            "loss": float(sums[0]) / tokens, "ce": float(sums[1]) / tokens, "kd": float(sums[2]) / tokens,
+            "hidden": float(sums[3]) / tokens, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(sums[4]),
+            "tokens_per_s": float(sums[5]) / max(seconds, 1e-9)}
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (nanoGPT): norms and biases are not pulled toward zero."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def warmup_cosine(warmup: int, total: int):
+    """LR multiplier after `step` optimizer steps: linear warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The reader's batch as DistillStep's arguments, on the device."""
+    inputs = {key: batch[key].to(device, non_blocking=True) for key in ("input_ids", "labels", "teacher_ids", "teacher_logprobs")
+              if key in batch}
+    if "hidden" in batch:
+        inputs["hidden"] = {layer: h.to(device, non_blocking=True) for layer, h in batch["hidden"].items()}
+    return inputs
+
+
+def run_eval(model, reader: WindowReader, device, amp_dtype, fused: bool, cfg: TrainConfig) -> dict:
+    """Metrics on --eval-data: each rank evaluates its part, the sums are added over ranks."""
+    sums = evaluate_batches(model, make_loader(reader, 0), device, amp_dtype, fused, cfg.chunk_size, cfg.eval_batches)
+    if sums is None:  # this rank had no windows; it still takes part in the reduction
+        sums = metric_sums(torch.zeros(0, 1, device=device), torch.zeros(0, dtype=torch.long, device=device))
+    return finish_metrics({k: all_reduce_sum(v.double()) for k, v in sums.items()})
+
+
+def append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def last_train_metrics(path: Path) -> dict:
+    """The last training line of metrics.jsonl (for a resumed run that had nothing left to do)."""
+    if not path.exists():
+        return {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((x for x in reversed(lines) if "loss" in x), {})
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # per-load/save bars would drown the training bar
