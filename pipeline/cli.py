@@ -8,34 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
 
 import click
 
-from .config import DTYPES, ENCODINGS, TARGETS, PrecomputeConfig
-from .errors import UserError
-
-
-def field_help(cls, name: str) -> str:
-    """The CLI help of a flag is the docstring of its config field (one source for both)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                return str(nxt.value.value)
-    return ""
-
-
-def run_or_exit(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+from .config import DTYPES, ENCODINGS, TARGETS, PrecomputeConfig, field_help
+from .errors import UserError, run_or_exit
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -52,7 +29,7 @@ def main():
 
 
 def _h(name):
-    return field_help(PrecomputeConfig, name)
+    return field_help(PrecomputeConfig)[name]
 
 
 @main.command()

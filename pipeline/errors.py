@@ -11,3 +11,14 @@ class UserError(Exception):
 
 class FormatError(UserError):
     """A dataset folder that does not match its manifest or the format specification."""
+
+
+def run_or_exit(fn, *args, **kwargs):
+    """Run a CLI command body: a UserError becomes `error: ...` on stderr and exit code 2, with no traceback."""
+    import sys
+
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

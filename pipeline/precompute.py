@@ -49,9 +49,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     out = Path(cfg.out)
     # --- inputs: corpus files, tokenizer, teacher -------------------------------------------------------------------
     files = list_data_files(cfg.data)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and cfg.device == "auto" and cfg.world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", cfg.rank)) % torch.cuda.device_count())
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", cfg.rank)))
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code)

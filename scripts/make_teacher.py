@@ -20,7 +20,6 @@ progress and logs go to stderr.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
 import hashlib
@@ -44,6 +43,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_corpus  # noqa: E402  (sibling script; scripts/ is not a package)
+from pipeline.config import field_help  # noqa: E402
 
 EOT = "<|endoftext|>"
 # Bump when a change to this script changes the trained result for the same flags, so stale caches are not reused.
@@ -97,14 +97,6 @@ class TeacherConfig:
     """Autocast dtype on CPU: bfloat16 (about 2.4x faster than float32 on an AVX512-BF16 CPU) or float32."""
     eval_tokens: int = 200_000
     """Held-out tokens scored at the end (whole windows, up to the size of the held-out split)."""
-
-
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field, so the CLI help is the same words as the config."""
-    tree = ast.parse(Path(__file__).read_text())
-    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__).body
-    return {a.target.id: d.value.value for a, d in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant)}
 
 
 def validate(cfg: TeacherConfig) -> None:
@@ -385,7 +377,7 @@ def _copy_out(final: Path, out: str | None) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> TeacherConfig:
-    docs = _field_docs(TeacherConfig)
+    docs = field_help(TeacherConfig)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(TeacherConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 import click
 from click.core import ParameterSource
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, run_or_exit
 
 from .config import DTYPES, HIDDEN_LOSSES, LOSS_IMPLS, LOSSES, TAILS, TARGETS, EvalConfig, TrainConfig, field_help, load_config_file
 
@@ -59,14 +59,6 @@ def given(ctx: click.Context, values: dict) -> dict:
     """The options the user actually typed (defaults left out, so a --config file can supply them)."""
     return {k: v for k, v in values.items()
             if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)}
-
-
-def run_or_exit(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
 
 
 def build_train_config(config_file: str | None, typed: dict) -> TrainConfig:

@@ -5,13 +5,12 @@ Imports no torch, so `distill --help` stays light. The CLI help text is the docs
 
 from __future__ import annotations
 
-import ast
-import inspect
 import os
 import typing
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
+from pipeline.config import field_help  # noqa: F401  (re-exported for trainer.cli)
 from pipeline.errors import UserError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -174,17 +173,6 @@ def _flag(name: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def field_help(cls) -> dict[str, str]:
-    """Field name -> the docstring written under it (the CLI's help text comes from the same words)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            out[node.target.id] = " ".join(str(nxt.value.value).split())
-    return out
-
-
 def load_config_file(path: str) -> dict:
     """Read a YAML or JSON config whose keys are TrainConfig fields (dashes or underscores); refuse unknown keys."""
     if not os.path.isfile(path):

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
+from pipeline.teacher import resolve_device
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -21,16 +22,7 @@ def dist_env() -> tuple[int, int, int]:
 
 def resolve_device_dtype(device: str, dtype: str, local_rank: int) -> tuple[torch.device, torch.dtype | None]:
     """The device, and the autocast dtype (None = plain float32). auto: bfloat16 on CUDA with bf16 support, else float32."""
-    if device == "auto":
-        device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for CUDA but none is available; pass --device cpu")
-    if dev.type == "cuda" and dev.index is None:  # plain "cuda": under torchrun, this rank's GPU
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    dev = resolve_device(device, local_rank)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return dev, (torch.bfloat16 if dtype == "bfloat16" else None)
