@@ -133,7 +133,7 @@ def tokenize_to_file(
 
         def flush() -> bool:
             nonlocal total
-            enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            enc = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]  # windows come later: no length warning
             for ids in enc:
                 ids = np.asarray(ids + [eos_id], dtype=dtype)
                 if limit is not None and total + len(ids) >= limit:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from pipeline.config import PrecomputeConfig  # noqa: E402
 from pipeline.format import open_dataset  # noqa: E402
@@ -53,8 +54,12 @@ def parse_args(argv=None):
 
 
 def capture(args, split: str, name: str, max_tokens: int, **kw) -> Path:
+    """A real capture of the first `max_tokens` of the split, documents in hash order (a fair sample of the stdlib)."""
+    import make_corpus
+
     out = Path(args.work) / f"{split}-{name}-{max_tokens}"
-    cfg = dict(teacher=args.teacher, data=[str(Path(args.corpus) / f"{split}.jsonl")], out=str(out), seq_len=args.seq_len,
+    data = make_corpus.mixed_split(args.corpus, split)
+    cfg = dict(teacher=args.teacher, data=[str(data)], out=str(out), seq_len=args.seq_len,
                batch_size=8, shard_size=128, max_tokens=max_tokens, dtype=args.capture_dtype, device="cpu", progress=False)
     cfg.update(kw)
     t0 = time.perf_counter()

@@ -7,6 +7,10 @@ download. `build_corpus(out_dir)` writes
     out_dir/heldout.jsonl   the same for the held-out files (~5%, chosen by a hash of the relpath)
     out_dir/corpus.json     recipe, counts and content hashes; written last, so its presence means the rest is complete
 
+and, for captures that take only a prefix of a split (`--max-tokens`), `mixed_split(out_dir, split)` writes
+`{split}-mixed.jsonl`: the same documents ordered by sha256 of their path, so any prefix is a fair sample of the whole
+standard library instead of its alphabetically first packages (asyncio, collections, ...).
+
 and reuses existing output when the recipe (stdlib path, python version, split rule) is unchanged.
 Called by `scripts/make_teacher.py` (imported by path) and from the command line:
 
@@ -133,12 +137,32 @@ def read_split(corpus_dir: str | os.PathLike, split: str) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
+def mixed_split(corpus_dir: str | os.PathLike, split: str) -> Path:
+    """Write (once, atomically) `{split}-mixed.jsonl`: the split's documents ordered by sha256 of their path."""
+    corpus_dir = Path(corpus_dir)
+    out = corpus_dir / f"{split}-mixed.jsonl"
+    source = corpus_dir / f"{split}.jsonl"
+    if out.exists() and out.stat().st_mtime >= source.stat().st_mtime:
+        return out
+    with open(source, encoding="utf-8") as f:
+        lines = f.readlines()
+    lines.sort(key=lambda line: hashlib.sha256(json.loads(line)["path"].encode()).hexdigest())
+    tmp = corpus_dir / f".{out.name}.tmp-{os.getpid()}"
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
     parser.add_argument("--stdlib", default=None, help="source folder (default: this interpreter's stdlib)")
+    parser.add_argument("--mixed", action="store_true", help="also write train-mixed.jsonl and heldout-mixed.jsonl")
     args = parser.parse_args(argv)
     info = build_corpus(args.out, stdlib=args.stdlib)
+    if args.mixed:
+        for split in ("train", "heldout"):
+            mixed_split(args.out, split)
     verb = "reused" if info["reused"] else "wrote"
     splits = info["splits"]
     print(f"{verb} corpus at {Path(args.out).resolve()}: {info['files']} files, {info['bytes'] / 1e6:.1f} MB "

@@ -91,6 +91,20 @@ TINY = ["--vocab-size", "300", "--hidden", "32", "--layers", "1", "--heads", "2"
         "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "256", "--warmup-steps", "1"]
 
 
+def test_mixed_split_holds_the_same_documents_in_hash_order(fake_stdlib, tmp_path):
+    import hashlib
+
+    out = tmp_path / "corpus"
+    make_corpus.build_corpus(out, stdlib=fake_stdlib)
+    mixed = make_corpus.mixed_split(out, "train")
+    rows = [json.loads(line) for line in mixed.read_text().splitlines()]
+    original = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in original)
+    keys = [hashlib.sha256(r["path"].encode()).hexdigest() for r in rows]
+    assert keys == sorted(keys)
+    assert make_corpus.mixed_split(out, "train").read_bytes() == mixed.read_bytes()
+
+
 def test_make_teacher_tiny_saves_loadable_and_reuses(fake_stdlib, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
