@@ -151,7 +151,7 @@ def run(args) -> list[dict]:
     # --- P5: reader alone vs the student's training speed on the same data
     for kind, key in (("topk", "top64"), ("sampled", f"sampled{n0}")):
         speed = reader_speed(data[key], args.batch_size, kind)
-        train_speed = statistics.median(r["train_tokens_per_s"] for r in rows if r["variant"] == ("top-64 renormalize" if kind == "topk" else f"sampled N={n0}"))
+        train_speed = statistics.median(r["train_tokens_per_s"] for r in rows if r.get("variant") == ("top-64 renormalize" if kind == "topk" else f"sampled N={n0}"))
         rows.append({"section": "P5", "kind": kind, "reader_tokens_per_s": speed, "train_tokens_per_s": train_speed, "ratio": speed / train_speed})
     return rows
 
