@@ -2,7 +2,7 @@
 # The main job on real text, on a CPU: a teacher trained on the CPython standard library source, its logits captured once,
 # a ~1.7M-parameter student trained from them next to a CE-only student (same steps, same data order), both evaluated.
 # Knobs (environment): TEACHER_MINUTES (7), TRAIN_TOKENS (614400), STEPS (300), DEMO_DIR (runs/demo).
-# About 13 minutes on 2 CPU cores the first time (7 of them training the teacher), about 5 when the teacher is cached.
+# About 11 minutes on 2 CPU cores the first time (7 of them training the teacher), about 4 when the teacher is cached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
