@@ -1,6 +1,6 @@
 """Benchmarks of stage two on real text, side by side in one run: P2 training cost, P5 reader speed, the quality table.
 
-    python scripts/bench_train.py --teacher TEACHER_DIR [--tokens 409600] [--steps 200] [--seeds 0 1] [--quick]
+    python scripts/bench_train.py --teacher TEACHER_DIR [--tokens 614400] [--steps 300] [--seeds 0 1] [--quick]
 
 Captures the teacher's targets on the training split once per stored kind (real `precompute`), then trains students of
 the same size, steps, seed and data order (real `train`) with: CE only, online full-vocab KD, cached top-64 with each
@@ -34,17 +34,17 @@ def parse_args(argv=None):
     p.add_argument("--corpus", default=str(REPO / ".cache" / "corpus"))
     p.add_argument("--work", default=str(REPO / ".cache" / "bench-train"), help="datasets and runs (reused when unchanged)")
     p.add_argument("--student-config", default=str(REPO / "scripts" / "configs" / "student-1.7m.json"))
-    p.add_argument("--tokens", type=int, default=409600, help="training tokens captured (one epoch of the default run)")
+    p.add_argument("--tokens", type=int, default=614400, help="training tokens captured (one epoch of the default run)")
     p.add_argument("--heldout-tokens", type=int, default=65536)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32, 64], help="N of the sampled-targets curve")
     p.add_argument("--capture-dtype", default="bfloat16")
-    p.add_argument("--train-dtype", default="float32")
+    p.add_argument("--train-dtype", default="bfloat16")
     p.add_argument("--variants", nargs="+", default=None, help="only these variant names")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
@@ -97,12 +97,13 @@ def train_one(args, name: str, seed: int, flags: dict, heldout: Path) -> dict:
         shutil.rmtree(out)
     cfg = TrainConfig(data=str(flags.pop("data")), out=str(out), student_config=args.student_config, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=max(1, args.steps // 10), seed=seed, alpha=args.alpha,
-                      save_every=args.steps, log_every=10, dtype=args.train_dtype, device="cpu", progress=False, **flags)
+                      save_every=args.steps, log_every=min(10, max(1, args.steps // 4)), dtype=args.train_dtype, device="cpu", progress=False, **flags)
     t0 = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - t0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [x["tokens_per_s"] for x in lines if "tokens_per_s" in x and x["step"] > 10]
+    warm = min(10, args.steps // 2)  # the first steps pay for allocator and thread warm-up
+    speeds = [x["tokens_per_s"] for x in lines if "tokens_per_s" in x and x["step"] > warm]
     m = evaluate(EvalConfig(student=str(out), data=str(heldout), batch_size=16, device="cpu"))
     result = {"variant": name, "seed": seed, "held_out_ce": m["ce"], "top1_agreement": m["top1_agreement"], "ece": m["ece"],
               "kl": m["kl"], "train_tokens_per_s": statistics.median(speeds) if speeds else None, "train_seconds": seconds,
@@ -166,7 +167,7 @@ def markdown(rows: list[dict]) -> str:
         base = {s: ce[("CE only", s)]["held_out_ce"] for s in seeds if ("CE only", s) in ce}
         online = {s: ce[("online full-vocab KD", s)]["held_out_ce"] for s in seeds if ("online full-vocab KD", s) in ce}
         head = " | ".join(f"CE seed {s} | Δ vs CE-only s{s} | vs online s{s}" for s in seeds)
-        out += [f"| student | {head} | top-1 agree | ECE | step s | bytes/token |", "|" + " --- |" * (4 + 3 * len(seeds))]
+        out += [f"| student | {head} | top-1 agree | ECE | step s | bytes/token |", "|" + " --- |" * (5 + 3 * len(seeds))]
         for name in names:
             cells = []
             for s in seeds:
