@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,14 +19,13 @@ import numpy as np
 
 from .config import PrecomputeConfig
 from .errors import UserError
-from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, ShardWriter, shard_name, token_dtype, window_schema, write_json_atomic
+from .background_writer import BackgroundWriter
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name, token_dtype, window_schema, write_json_atomic
 from .format.bitpack import bits_for
-from .format.encode import encode_rows
 from .format.files import list_files, remove_temp_files, sha256_file
 from .format.schema import SHARD_NAME_DIGITS, schema_description
 
 TOOL_VERSION = "0.1.0"
-WRITE_QUEUE_BATCHES = 4  # how far the teacher may run ahead of the disk
 # Capture settings that change shard bytes: a resumed run must match them.
 SETTINGS_FROM_CAPTURE = ("targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "logprob_bits", "compression",
                          "hidden_layers", "batch_size", "shard_size")
@@ -42,7 +39,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     from tqdm import tqdm
 
     from .corpus import CorpusStats, corpus_fingerprint, count_windows, iter_documents, list_data_files, make_windows, tokenize_to_file
-    from .teacher import load_teacher, load_tokenizer, max_positions, resolve_device, resolve_dtype, teacher_record
+    from .teacher import load_teacher, load_tokenizer, resolve_device, resolve_dtype, teacher_record
     from .tokenizer_id import tokenizer_record
 
     cfg.resolve()
@@ -335,72 +332,3 @@ def build_manifest(cfg, teacher, tok, files, meta, settings, schema, spec, recor
             **{f"{stat}_mean": mean(stat) for stat in STATS if any(stat in r["stats"] for r in records)},
         },
     }
-
-
-class BackgroundWriter:
-    """A bounded queue and one thread that writes shards, so the teacher never waits for the disk.
-
-    The queue holds at most WRITE_QUEUE_BATCHES batches; a writer error is re-raised in the main thread at the next put.
-    """
-
-    def __init__(self, out: Path, schema, spec: dict, seq_len: int, widths: dict[int, int], batch_size: int):
-        self.out, self.schema, self.spec, self.seq_len, self.widths, self.batch_size = out, schema, spec, seq_len, widths, batch_size
-        self.q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
-
-    def _check(self):
-        if self.error is not None:
-            raise self.error
-
-    def open(self, index: int, n_windows: int):
-        self._check()
-        self.q.put(("open", index, n_windows))
-
-    def put(self, rows, hidden, stats):
-        self._check()
-        self.q.put(("rows", rows, hidden, stats))
-
-    def close_shard(self):
-        self._check()
-        self.q.put(("close",))
-
-    def join(self):
-        self.q.put(("stop",))
-        self.thread.join()
-        self._check()
-
-    def stop(self):
-        if self.thread.is_alive():
-            self.q.put(("stop",))
-            self.thread.join()
-
-    def _run(self):
-        writer = None
-        try:
-            while True:
-                item = self.q.get()
-                if item[0] == "stop":
-                    return
-                if item[0] == "open":
-                    _, index, n = item
-                    writer = ShardWriter(self.out, index, self.schema, n, self.seq_len, self.widths, self.batch_size,
-                                         compression=self.spec["compression"])
-                    current = index
-                elif item[0] == "rows":
-                    _, rows, hidden, stats = item
-                    writer.write(encode_rows(rows, self.spec), hidden)
-                    for name, (total, count) in stats.items():
-                        writer.add_stat(name, total, count)
-                elif item[0] == "close":
-                    record = writer.finish()
-                    write_json_atomic(self.out / PROGRESS_DIR / f"shard-{shard_name(current)}.json", record)
-                    writer = None
-        except BaseException as e:  # surfaced in the main thread
-            self.error = e
-            if writer is not None:
-                writer.abort()
-            while True:  # keep draining so the producer never blocks on a full queue
-                if self.q.get()[0] == "stop":
-                    return
