@@ -143,13 +143,11 @@ def verify(path):
     run_or_exit(go)
 
 
-try:  # stage two registers its commands here when present
-    from trainer.cli import eval_command, train_command
+# Stage two's commands (trainer/cli.py imports no torch either).
+from trainer.cli import eval_command, train_command  # noqa: E402
 
-    main.add_command(train_command, "train")
-    main.add_command(eval_command, "eval")
-except ImportError:  # pragma: no cover - trainer not built yet
-    pass
+main.add_command(train_command, "train")
+main.add_command(eval_command, "eval")
 
 
 if __name__ == "__main__":
