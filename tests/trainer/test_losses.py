@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trainer.losses import (LossConfig, default_layer_map, fused_distill_loss, hidden_state_loss, make_projections,
-                            parse_layer_map, plain_distill_loss)
+from trainer.losses import (LossConfig, default_layer_map, fused_distill_loss, hidden_state_loss, log_norm_from_partitions,
+                            make_projections, parse_layer_map, plain_distill_loss, tempered_log_norm,
+                            tempered_teacher_logprobs)
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("tail", "renormalize", "uniform")
@@ -210,6 +211,218 @@ def test_position_without_stored_ids_adds_no_kd_and_no_nan():
                                  teacher_logprobs=lps)
         (grad,) = torch.autograd.grad(out.loss, z)
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and grad[0].abs().max() == 0
+
+
+# --- k = V exactness and exactly tempered stored targets ---------------------------------------------------------------
+
+KIND_BETAS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]
+
+
+def all_ids_shuffled(n, v):
+    return torch.stack([torch.randperm(v, generator=torch.Generator().manual_seed(i)) for i in range(n)])  # (n, V)
+
+
+def dense_reference(p, kind, beta, alpha, temperature):
+    """alpha * CE + (1 - alpha) * T^2 * KD from full-vocab formulas (F.kl_div) on materialized logits; with grads."""
+    h, w, b = (p[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    z = h @ w.T + b
+    kd = masked_mean(exact_divergence(kind, torch.log_softmax(p["teacher_logits"] / temperature, -1),
+                                      torch.log_softmax(z / temperature, -1), beta), p["labels"])
+    loss = alpha * F.cross_entropy(z, p["labels"]) + (1 - alpha) * temperature ** 2 * kd
+    return loss, torch.autograd.grad(loss, (h, w, b))
+
+
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("temperature,log_norm", [(1.0, False), (2.0, False), (2.0, True), (4.0, True)])
+def test_top_k_equal_vocab_is_exact_to_float64_rounding(kind, beta, tail, temperature, log_norm):
+    """Every id stored (float64): plain and fused equal the dense tempered KD, values and gradients, to rounding.
+    Catches the student's ghost floor (it added (1-beta) 1e-6 ln(1/(1-beta)) T^2 per token to JSD) and a tail bucket
+    made of rounding; with the stored log-normalizer (T = 2, 4) the exact tempering path is checked too."""
+    p = make_problem(dtype=torch.float64)
+    n, v = p["teacher_logits"].shape
+    ids = all_ids_shuffled(n, v)
+    targets = dict(teacher_ids=ids, teacher_logprobs=torch.log_softmax(p["teacher_logits"], -1).gather(1, ids))
+    if log_norm:
+        targets["teacher_log_norm"] = tempered_log_norm(p["teacher_logits"], temperature)
+    cfg = LossConfig(loss=kind, tail=tail, alpha=0.3, beta=beta, temperature=temperature, chunk_size=3)
+    expected, expected_grads = dense_reference(p, kind, beta, 0.3, temperature)
+    for out, grads in run_both(p, cfg, targets):
+        torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-13)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_tempered_teacher_logprobs_are_exact():
+    """Stored T = 1 log-probs + the stored log-normalizer give softmax(z / T) at the stored ids and the exact tail."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 40, generator=g, dtype=torch.float64) * 3.0 + 7.0  # shifted: logZ is far from 0
+    for t in (0.5, 2.0, 4.0):
+        log_norm = tempered_log_norm(z, t)  # (6,)
+        torch.testing.assert_close(log_norm, log_norm_from_partitions(z.logsumexp(-1), (z / t).logsumexp(-1), t))
+        assert (log_norm >= 0).all() if t > 1 else (log_norm <= 0).all()
+        top = torch.log_softmax(z, -1).topk(9, -1)
+        head, tail_lm = tempered_teacher_logprobs(top.values, log_norm, t)  # (6, 9), (6,)
+        truth = torch.log_softmax(z / t, -1)
+        torch.testing.assert_close(head, truth.gather(1, top.indices), rtol=0, atol=1e-12)
+        rest = truth.scatter(1, top.indices, -math.inf).logsumexp(-1)  # tempered mass of the ids not stored
+        torch.testing.assert_close(tail_lm.exp(), rest.exp(), rtol=0, atol=1e-15)  # 1 - sum: absolute rounding
+    head, tail_lm = tempered_teacher_logprobs(torch.log_softmax(z, -1), tempered_log_norm(z, 2.0), 2.0)  # all ids
+    assert (tail_lm < math.log(1e-12)).all()  # rounding only (or -inf): no tail when every id is stored
+    assert tempered_log_norm(z, 1.0).abs().max() < 1e-12
+
+
+def peaked_problem(temperature, v=60, k=8, n=12, seed=5):
+    """A real-looking case: a peaked teacher whose top-k holds part of the mass, a student near it (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    tl = torch.randn(n, v, generator=g, dtype=torch.float64) * 1.5
+    tl[:, :3] += 3.0
+    z = (tl + torch.randn(n, v, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
+    top = torch.log_softmax(tl, -1).topk(k, -1)
+    return tl, z, top.indices, top.values, tempered_log_norm(tl, temperature)
+
+
+def within_tail_divergence(kind, p, q, stored, beta):
+    """(n,) what merging the ids not stored into one bucket removes from a divergence (chain rule of KL): the masses
+    outside the stored ids times the divergence between the conditionals there. p, q (n, V) probabilities."""
+    out = ~stored
+    r, big_q = (p * out).sum(-1, keepdim=True), (q * out).sum(-1, keepdim=True)
+
+    def kl_out(a, a_mass, b, b_mass):  # a_mass * KL(a|out || b|out)
+        return a_mass.squeeze(-1) * torch.where(out, (a / a_mass) * ((a / a_mass).log() - (b / b_mass).log()), 0.0).sum(-1)
+
+    if kind == "forward_kl":
+        return kl_out(p, r, q, big_q)
+    if kind == "reverse_kl":
+        return kl_out(q, big_q, p, r)
+    m, m_mass = beta * p + (1 - beta) * q, beta * r + (1 - beta) * big_q
+    return beta * kl_out(p, r, m, m_mass) + (1 - beta) * kl_out(q, big_q, m, m_mass)
+
+
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+def test_exact_tempered_tail_is_within_the_truncation_error(kind, beta, temperature):
+    """Top-k < V with the stored log-normalizer, `tail` mode: the dense tempered KD minus ours is exactly what merging the
+    non-stored ids into one bucket removes (>= 0 by the data processing inequality; for JSD at most the merged
+    bucket's mixture mass times ln 2). Without the normalizer the tail approximation misses by far more."""
+    tl, z, ids, lps, log_norm = peaked_problem(temperature)
+    labels = torch.zeros(tl.shape[0], dtype=torch.long)
+    p, q = torch.softmax(tl / temperature, -1), torch.softmax(z / temperature, -1)  # (n, V)
+    stored = torch.zeros_like(p, dtype=torch.bool).scatter(1, ids, True)
+    dense = exact_divergence(kind, p.log(), q.log(), beta)  # (n,)
+    gap = within_tail_divergence(kind, p, q, stored, beta)  # (n,)
+    cfg = LossConfig(loss=kind, tail="tail", alpha=0.0, beta=beta, temperature=temperature)
+    ours = plain_distill_loss(z, labels, cfg, teacher_ids=ids, teacher_logprobs=lps, teacher_log_norm=log_norm)
+    t2 = temperature ** 2
+    torch.testing.assert_close(ours.kd, t2 * (dense - gap).mean(), rtol=1e-10, atol=1e-12)
+    assert (gap >= 0).all() and ours.kd <= t2 * dense.mean()
+    if kind == "jsd":
+        r, big_q = (p * ~stored).sum(-1), (q * ~stored).sum(-1)
+        assert (gap <= (beta * r + (1 - beta) * big_q) * math.log(2)).all()
+    approx = plain_distill_loss(z, labels, cfg, teacher_ids=ids, teacher_logprobs=lps).kd
+    assert (approx - t2 * dense.mean()).abs() > 3 * (ours.kd - t2 * dense.mean()).abs()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_tempered_modes_match_explicit_bucket_construction(kind):
+    """With the stored log-normalizer: tail = ghost bucket of the exact tempered tail mass; uniform = that mass spread
+    evenly over the ids not stored; renormalize = the tempered teacher conditioned on the stored ids (as without it)."""
+    t = 2.0
+    tl, z, ids, lps, log_norm = peaked_problem(t, n=6)
+    labels = torch.zeros(tl.shape[0], dtype=torch.long)
+    n, v = tl.shape
+    p_t = torch.softmax(tl / t, -1)
+    head = p_t.gather(1, ids)  # (n, K) exact tempered teacher at the stored ids
+    rest = 1 - head.sum(-1, keepdim=True)
+    q = torch.softmax(z / t, -1)
+    q_head = q.gather(1, ids)
+    q_buckets = torch.cat([q_head, 1 - q_head.sum(-1, keepdim=True)], -1)
+    expected = {
+        "tail": bucket_divergence(kind, torch.cat([head, rest], -1), q_buckets),
+        "uniform": bucket_divergence(kind, (rest / (v - ids.shape[1])).expand(n, v).clone().scatter(1, ids, head), q),
+    }
+    for tail in TAILS:
+        cfg = LossConfig(loss=kind, tail=tail, alpha=0.0, temperature=t)
+        out = plain_distill_loss(z, labels, cfg, teacher_ids=ids, teacher_logprobs=lps, teacher_log_norm=log_norm)
+        if tail == "renormalize":
+            without = plain_distill_loss(z, labels, cfg, teacher_ids=ids, teacher_logprobs=lps)
+            torch.testing.assert_close(out.kd, without.kd)
+        else:
+            torch.testing.assert_close(out.kd, t ** 2 * expected[tail].mean())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_fused_equals_plain_with_log_norm(kind, tail, chunk_size):
+    p = make_problem(dtype=torch.float32)
+    top = torch.log_softmax(p["teacher_logits"], -1).topk(5, -1)
+    targets = dict(teacher_ids=top.indices, teacher_logprobs=top.values,
+                   teacher_log_norm=tempered_log_norm(p["teacher_logits"], 2.0))
+    cfg = LossConfig(loss=kind, tail=tail, alpha=0.3, temperature=2.0, chunk_size=chunk_size)
+    (plain, plain_grads), (fused, fused_grads) = run_both(p, cfg, targets)
+    for a, b in [(fused.loss, plain.loss), (fused.kd, plain.kd)]:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if tail != "renormalize":  # the argument is used (renormalize never reads the tail)
+        without = plain_distill_loss(logits_of(p), p["labels"], cfg, teacher_ids=top.indices, teacher_logprobs=top.values)
+        assert (plain.kd - without.kd).abs() > 1e-3
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_gradcheck_fused_with_log_norm(tail):
+    p = make_problem(n=6, d=3, v=9, k=3, dtype=torch.float64, masked=(1,))
+    top = torch.log_softmax(p["teacher_logits"], -1).topk(3, -1)
+    targets = dict(teacher_ids=top.indices, teacher_logprobs=top.values,
+                   teacher_log_norm=tempered_log_norm(p["teacher_logits"], 1.7))
+    cfg = LossConfig(loss="jsd", tail=tail, alpha=0.3, temperature=1.7, chunk_size=2)
+
+    def loss(h, w, b):
+        return fused_distill_loss(h, w, p["labels"], cfg, bias=b, **targets).loss
+
+    inputs = tuple(p[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_targets_at_the_loss_temperature_are_used_as_they_are(kind):
+    """Draws at tau = T estimate softmax(z / T) unbiased by count/N; passed with teacher_temperature = T they are not
+    tempered again: the KD is the divergence to exactly that estimate (and at T = 1 nothing changes)."""
+    t = 2.0
+    tl, z, _, _, _ = peaked_problem(t, n=4)
+    g = torch.Generator().manual_seed(11)
+    draws = torch.multinomial(torch.softmax(tl / t, -1), 32, replacement=True, generator=g)  # (n, 32)
+    counts = torch.zeros_like(tl).scatter_add_(1, draws, torch.ones_like(draws, dtype=tl.dtype))  # (n, V)
+    k = int((counts > 0).sum(-1).max())
+    ids = counts.topk(k, -1).indices  # (n, k) drawn ids first, padded with undrawn ones
+    lps = (counts.gather(1, ids) / 32).log()  # -inf at undrawn = padded slots
+    estimate = counts / 32  # (n, V)
+    q = torch.softmax(z / t, -1)
+    labels = torch.zeros(tl.shape[0], dtype=torch.long)
+    cfg = LossConfig(loss=kind, tail="tail", alpha=0.0, temperature=t)
+    out = plain_distill_loss(z, labels, cfg, teacher_ids=ids, teacher_logprobs=lps, teacher_temperature=t)
+    if kind == "reverse_kl":  # restricted to the drawn ids, as every sampled target is
+        q = torch.where(estimate > 0, q, 0.0)
+        q = q / q.sum(-1, keepdim=True)
+    torch.testing.assert_close(out.kd, t ** 2 * bucket_divergence(kind, estimate, q).mean())
+    tempered_again = plain_distill_loss(z, labels, cfg, teacher_ids=ids, teacher_logprobs=lps).kd
+    assert (tempered_again - out.kd).abs() > 1e-3
+
+
+def test_tempering_arguments_are_checked():
+    p = make_problem()
+    z, labels = logits_of(p).float(), p["labels"]
+    log_norm = tempered_log_norm(p["teacher_logits"], 2.0)
+    cfg = LossConfig(temperature=2.0)
+    with pytest.raises(ValueError, match="dense teacher_logits are tempered exactly"):
+        plain_distill_loss(z, labels, cfg, teacher_logits=p["teacher_logits"], teacher_log_norm=log_norm)
+    with pytest.raises(ValueError, match="teacher_temperature=2.0; pass one or the other"):
+        plain_distill_loss(z, labels, cfg, **targets_for("tail", p), teacher_log_norm=log_norm, teacher_temperature=2.0)
+    with pytest.raises(ValueError, match=r"teacher_log_norm \(3,\) must hold one value per position \(N=10\)"):
+        fused_distill_loss(p["hidden"], p["weight"], labels, cfg, **targets_for("tail", p), teacher_log_norm=log_norm[:3])
+    with pytest.raises(ValueError, match="teacher_temperature=0"):
+        plain_distill_loss(z, labels, cfg, **targets_for("tail", p), teacher_temperature=0)
 
 
 # --- fused == plain ----------------------------------------------------------------------------------------------------

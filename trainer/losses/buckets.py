@@ -16,19 +16,34 @@ vocabulary at T = 1; padded slots are -inf). The vocabulary is split into bucket
   as one full-vocab elementwise sum over the student's log-probs ("sweep", from the same pass as the log-softmax) minus the
   same terms at the stored ids.
 
-Sampled targets (log(count/N), no tail) go through the same code: their tail is 0, so the three modes coincide except
-that reverse KL is restricted to the sampled ids.
+Sampled targets go through the same code. With draws at τ = 1 they are log(count/N) (sums to 1, no tail); with draws
+at τ ≠ 1 the capture adds importance weights log p - log q_τ, so log(count/N · p/q_τ) is an unbiased estimate of the T = 1
+teacher that need not sum to 1. Either way they estimate the teacher at T = 1 (`teacher_temperature = 1`), and the three
+modes coincide except that reverse KL is restricted to the sampled ids.
 
-Temperature. The student's logits are divided by T (exact). The teacher's stored p_k are T = 1 probabilities; tempering
-raises every probability to 1/T and renormalizes. The ratios between stored ids (p_k^(1/T)) are always exact; the
-normalizer needs the tail's individual probabilities, which are not stored:
-- `renormalize`: exact (the tempered teacher conditioned on the stored ids);
-- `uniform`: exact under its own assumption (M ids of r/M each give M (r/M)^(1/T));
-- `tail`: approximate: the ghost bucket is tempered as one token, r^(1/T). The true tempered tail sum_j p_j^(1/T) lies
-  between r^(1/T) and M^(1-1/T) r^(1/T) for T > 1, so the ghost is under-weighted for T > 1 (over-weighted for T < 1);
-  exact at T = 1;
-- sampled targets: count estimates raised to 1/T, a biased but consistent estimate of the tempered teacher.
+Temperature. The student's logits are divided by T (exact). Stored targets are log-probs at `teacher_temperature` T0
+(1 for stored top-k and for weighted sample estimates); tempering raises every probability to T0/T and renormalizes.
+The ratios between stored ids are always exact; the normalizer needs the tail's individual probabilities, which are not
+stored. So there are two ways:
+- exact, with `log_norm` (n,) = log sum_v p_v^(1/T) over the FULL vocabulary, one float per position per temperature
+  stored at capture (`tempered_log_norm`): the tempered log-prob of a stored id is log p_i / T - log_norm and the tempered
+  tail mass is 1 minus their sum (`tempered_teacher_logprobs`). Needs T0 = 1 and exact T = 1 log-probs (top-k), not
+  sample estimates (E[p̂^(1/T)] ≠ p^(1/T)). Then `tail` is the exact tempered ghost bucket, `uniform` spreads the exact
+  tempered tail mass evenly over the ids not stored, `renormalize` is unchanged (it never used the tail);
+- approximate, without it:
+  - `renormalize`: exact (the tempered teacher conditioned on the stored ids);
+  - `uniform`: exact under its own assumption (M ids of r/M each give M (r/M)^(1/T));
+  - `tail`: the ghost bucket is tempered as one token, r^(1/T). The true tempered tail sum_j p_j^(1/T) lies between
+    r^(1/T) and M^(1-1/T) r^(1/T) for T > 1, so the ghost is under-weighted for T > 1 (over-weighted for T < 1); exact at
+    T = 1. On a real teacher whose top-64 held 63% of the mass, forward KL at T = 2 came out 6.6 instead of 0.50.
+  - sampled targets: the estimates raised to 1/T and renormalized over the drawn ids: a plug-in estimate of the tempered
+    teacher, consistent as N grows but biased (by O(1/N)) at every N. The unbiased way to get tempered sampled targets
+    is to draw at τ = T and pass the unweighted log(count/N) with `teacher_temperature = T`: E[count/N] = softmax(z/T)
+    exactly, and the loss then uses them as they are (exponent T0/T = 1).
 Dense targets (full teacher logits) are tempered exactly: log_softmax(teacher_logits / T).
+
+Coverage. A row whose valid stored ids number V (they are distinct, as top-k and sampled ids are) covers the vocabulary:
+it has no tail bucket on either side, whatever the float rounding of 1 - sum(p) says, so k = V equals the dense value.
 """
 
 import math
@@ -54,14 +69,28 @@ class TeacherBuckets(NamedTuple):
     valid: torch.Tensor  # (n, K) bool: slot holds a stored id
     has_rest: torch.Tensor  # (n,) bool: the teacher puts mass outside the stored ids (rest_lp > -inf)
     row_ok: torch.Tensor  # (n,) bool: the position has at least one stored id (others contribute no KD)
+    covers_vocab: torch.Tensor  # (n,) bool: the stored ids are the whole vocabulary: no tail bucket on either side
     tail: str
 
 
-def check_targets(n_positions, vocab_size, teacher_ids, teacher_logprobs, teacher_logits):
+def check_targets(n_positions, vocab_size, teacher_ids, teacher_logprobs, teacher_logits, teacher_log_norm=None,
+                  teacher_temperature=1.0):
     """Validate target shapes; return "sparse", "dense" or None (pure CE). Raises ValueError naming the problem."""
     sparse = teacher_ids is not None or teacher_logprobs is not None
+    if not teacher_temperature > 0.0:
+        raise ValueError(f"teacher_temperature={teacher_temperature!r} must be > 0")
     if sparse and teacher_logits is not None:
         raise ValueError("pass either sparse targets (teacher_ids, teacher_logprobs) or dense teacher_logits, not both")
+    if not sparse and (teacher_log_norm is not None or teacher_temperature != 1.0):
+        raise ValueError("teacher_log_norm and teacher_temperature describe sparse targets (teacher_ids, "
+                         "teacher_logprobs); dense teacher_logits are tempered exactly without them")
+    if teacher_log_norm is not None:
+        if teacher_temperature != 1.0:
+            raise ValueError(f"teacher_log_norm tempers log-probs stored at T = 1, but teacher_temperature="
+                             f"{teacher_temperature!r}; pass one or the other")
+        if teacher_log_norm.numel() != n_positions:
+            raise ValueError(f"teacher_log_norm {tuple(teacher_log_norm.shape)} must hold one value per position "
+                             f"(N={n_positions})")
     if sparse:
         if teacher_ids is None or teacher_logprobs is None:
             raise ValueError("sparse targets need both teacher_ids and teacher_logprobs")
@@ -79,9 +108,42 @@ def check_targets(n_positions, vocab_size, teacher_ids, teacher_logprobs, teache
     return None
 
 
-def sparse_teacher_buckets(teacher_logprobs: torch.Tensor, *, tail: str, temperature: float,
-                           vocab_size: int) -> TeacherBuckets:
-    """Teacher buckets from stored log-probs (n, K) (T = 1, full-vocab normalized, -inf = padded slot), in float32/64."""
+def tempered_log_norm(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The float to store per position and temperature T: log sum_v p_v^(1/T) over the full vocabulary, p = softmax(z).
+
+    teacher_logits (..., V) raw logits z -> (...,), computed in float32 (float64 stays float64). Equal to
+    logZ_T - logZ_1 / T with logZ_T = logsumexp(z / T); 0 at T = 1; in [0, (1 - 1/T) log V] for T > 1.
+    """
+    lp = torch.log_softmax(teacher_logits.detach().to(compute_dtype(teacher_logits.dtype)), dim=-1)  # (..., V)
+    return torch.logsumexp(lp / temperature, dim=-1)
+
+
+def log_norm_from_partitions(log_partition_1: torch.Tensor, log_partition_t: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """Same value from the two log-partitions logZ_1 = logsumexp(z) and logZ_T = logsumexp(z / T), each (...,)."""
+    return log_partition_t - log_partition_1 / temperature
+
+
+def tempered_teacher_logprobs(logprobs: torch.Tensor, log_norm: torch.Tensor,
+                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact tempered teacher at the stored ids, from stored T = 1 log-probs and the stored `tempered_log_norm`.
+
+    logprobs (..., K): log p_i = z_i - logZ_1 at the stored ids, -inf at padded slots; log_norm (...,):
+    log sum_v p_v^(1/T). Returns (tempered log-probs (..., K) = log p_i / T - log_norm, i.e. z_i / T - logZ_T;
+    tempered tail log-mass (...,) = log(1 - sum_i exp(tempered_i)), -inf when the stored ids hold all of it up to
+    rounding). Computed in the dtype of `logprobs` (float32 at least recommended).
+    """
+    head = logprobs / temperature - log_norm.to(logprobs.dtype)[..., None]  # (..., K)
+    head_lse = torch.logsumexp(head, dim=-1)  # (...,) tempered mass on the stored ids, log
+    rest = log1mexp(head_lse.clamp(max=-torch.finfo(head.dtype).tiny))  # (...,)
+    return head, torch.where(head_lse < 0, rest, -math.inf)
+
+
+def sparse_teacher_buckets(teacher_logprobs: torch.Tensor, *, tail: str, temperature: float, vocab_size: int,
+                           log_norm: torch.Tensor | None = None, teacher_temperature: float = 1.0) -> TeacherBuckets:
+    """Teacher buckets from stored log-probs (n, K) (full-vocab normalized at `teacher_temperature`, -inf = padded slot),
+    in float32/64, tempered to `temperature`: exactly with `log_norm` (n,) (see `tempered_teacher_logprobs`), else with
+    the approximations of the module docstring."""
     if tail not in TAIL_MODES:
         raise ValueError(f"tail={tail!r} is not one of {', '.join(TAIL_MODES)}")
     lp = teacher_logprobs.detach()
@@ -91,23 +153,29 @@ def sparse_teacher_buckets(teacher_logprobs: torch.Tensor, *, tail: str, tempera
     valid[:, 0] |= ~row_ok
     lp = torch.where(valid, lp, -math.inf)
     lp[:, 0] = torch.where(row_ok, lp[:, 0], 0.0)
+    n_rest = (vocab_size - valid.sum(1)).to(lp.dtype)  # (n,) ids not stored
+    covers_vocab = row_ok & (n_rest <= 0)  # (n,)
 
-    rest_mass = 1.0 - torch.where(valid, lp.exp(), 0.0).sum(1)  # (n,); a tiny negative from fp16 rounding -> no tail
-    has_rest = rest_mass > TAIL_EPS
+    if log_norm is None:
+        scale = teacher_temperature / temperature  # probabilities are raised to T0 / T
+        head_t = lp * scale  # (n, K) exact up to the normalizer
+        rest_mass = -torch.expm1(torch.logsumexp(lp, 1))  # (n,) tail at T0; a tiny negative from fp16 rounding -> none
+        has_rest = (rest_mass > TAIL_EPS) & ~covers_vocab
+        if tail == "uniform":
+            per_id = (rest_mass.log() - n_rest.log()) * scale  # each non-stored id: (r / M)^(T0/T)
+            rest_total = n_rest.log() + per_id
+        else:
+            per_id = rest_total = rest_mass.log() * scale  # the ghost tempered as one token: r^(T0/T)
+    else:
+        head_t, rest_total = tempered_teacher_logprobs(lp, log_norm.reshape(-1), temperature)  # exact
+        has_rest = (rest_total > math.log(TAIL_EPS)) & ~covers_vocab
+        per_id = rest_total - n_rest.log() if tail == "uniform" else rest_total
     if tail == "renormalize":
         has_rest = torch.zeros_like(has_rest)
-    head_t = lp / temperature  # (n, K) exact up to the normalizer
-    if tail == "uniform":
-        n_rest = (vocab_size - valid.sum(1)).to(lp.dtype)  # (n,)
-        has_rest &= n_rest > 0
-        per_id = (rest_mass.log() - n_rest.log()) / temperature  # each non-stored id: (r / M)^(1/T)
-        rest_total = n_rest.log() + per_id
-    else:
-        per_id = rest_total = rest_mass.log() / temperature  # the ghost tempered as one token: r^(1/T)
     per_id = torch.where(has_rest, per_id, -math.inf)
     rest_total = torch.where(has_rest, rest_total, -math.inf)
-    log_z = torch.logaddexp(torch.logsumexp(head_t, 1), rest_total)  # (n,)
-    return TeacherBuckets(head_t - log_z[:, None], per_id - log_z, valid, has_rest, row_ok, tail)
+    log_z = torch.logaddexp(torch.logsumexp(head_t, 1), rest_total)  # (n,) 1 up to rounding in the exact case
+    return TeacherBuckets(head_t - log_z[:, None], per_id - log_z, valid, has_rest, row_ok, covers_vocab, tail)
 
 
 def divergence_terms(kind: str, teacher_lp: torch.Tensor, student_lp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -180,6 +248,7 @@ def sparse_kd(kind: str, beta: float, student_head: torch.Tensor, teacher: Teach
         rest = divergence_terms(kind, teacher.rest_lp, ghost, beta)
     if kind == "reverse_kl":
         rest = torch.where(teacher.has_rest, rest, 0.0)
+    rest = torch.where(teacher.covers_vocab, 0.0, rest)  # no ids outside the stored ones: no floored student ghost
     return torch.where(teacher.row_ok, total + rest, 0.0)
 
 

@@ -28,7 +28,8 @@ class LossConfig:
 
     temperature: float = 1.0
     """Softening temperature T: student logits are divided by T, the teacher is tempered to match, and KD is scaled by
-    T^2 so its gradients keep their size across T. CE always uses T = 1."""
+    T^2 so its gradients keep their size across T. CE always uses T = 1. Stored top-k targets are tempered exactly only
+    with the tempered log-normalizer captured for this T; without it the tail is approximated."""
 
     beta: float = 0.5
     """JSD mixture weight: M = beta * teacher + (1 - beta) * student, JSD = beta KL(teacher||M) + (1-beta) KL(student||M).

@@ -24,7 +24,8 @@ from .config import LossConfig, LossOutput
 def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, *,
                        bias: torch.Tensor | None = None, teacher_ids: torch.Tensor | None = None,
                        teacher_logprobs: torch.Tensor | None = None,
-                       teacher_logits: torch.Tensor | None = None) -> LossOutput:
+                       teacher_logits: torch.Tensor | None = None, teacher_log_norm: torch.Tensor | None = None,
+                       teacher_temperature: float = 1.0) -> LossOutput:
     """Same value as `plain_distill_loss(hidden @ weight.T + bias, ...)`, without building (N, V) at once.
 
     hidden (N, D) (or (B, T, D)): final hidden states after the final norm; weight (V, D): output embedding; bias (V,).
@@ -42,12 +43,14 @@ def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     if hidden2.shape[0] != n or weight.shape[1] != d or (bias is not None and bias.shape != (vocab,)):
         raise ValueError(f"shapes do not fit: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} (V, D), "
                          f"bias {None if bias is None else tuple(bias.shape)} (V,), labels {tuple(labels.shape)}")
-    targets = check_targets(n, vocab, teacher_ids, teacher_logprobs, teacher_logits)
+    targets = check_targets(n, vocab, teacher_ids, teacher_logprobs, teacher_logits, teacher_log_norm,
+                            teacher_temperature)
     kd_on = targets is not None and cfg.alpha < 1.0
     if not kd_on:
-        teacher_ids = teacher_logprobs = teacher_logits = None
+        teacher_ids = teacher_logprobs = teacher_logits = teacher_log_norm = None
     elif targets == "sparse":
         teacher_ids, teacher_logprobs = teacher_ids.reshape(n, -1).long(), teacher_logprobs.reshape(n, -1)
+        teacher_log_norm = None if teacher_log_norm is None else teacher_log_norm.reshape(n)
     else:
         teacher_logits = teacher_logits.reshape(n, vocab)
 
@@ -56,8 +59,10 @@ def fused_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     n_tokens = int(positions.numel())
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden2, weight, bias))
+    teacher = dict(teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, teacher_logits=teacher_logits,
+                   teacher_log_norm=teacher_log_norm)
     loss, ce, kd = _FusedDistill.apply(hidden2, weight, bias, labels, positions, n_tokens, needs, cfg, kd_on,
-                                       teacher_ids, teacher_logprobs, teacher_logits)
+                                       teacher, teacher_temperature)
     return LossOutput(loss=loss, ce=ce, kd=kd, n_tokens=n_tokens)
 
 
@@ -65,8 +70,9 @@ class _FusedDistill(torch.autograd.Function):
     """Chunked loss whose forward also computes the input gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, positions, n_tokens, needs, cfg, kd_on,
-                teacher_ids, teacher_logprobs, teacher_logits):
+    def forward(ctx, hidden, weight, bias, labels, positions, n_tokens, needs, cfg, kd_on, teacher,
+                teacher_temperature):
+        """teacher: dict of the target tensors (None where absent), all constants, indexed by position per chunk."""
         dtype = compute_dtype(hidden.dtype)
         need_h, need_w, need_b = needs
         need_any = need_h or need_w or need_b
@@ -88,11 +94,9 @@ class _FusedDistill(torch.autograd.Function):
                 idx = positions[start:start + cfg.chunk_size]  # (n,)
                 h = hidden.index_select(0, idx).to(dtype)  # (n, D)
                 z = h @ w.T if b is None else torch.addmm(b, h, w.T)  # (n, V) float logits of this chunk only
-                ce_c, kd_c, grad_z = chunk_loss_and_grad(
-                    z, labels.index_select(0, idx), cfg, w_ce, w_kd, need_any,
-                    teacher_ids=None if teacher_ids is None else teacher_ids.index_select(0, idx),
-                    teacher_logprobs=None if teacher_logprobs is None else teacher_logprobs.index_select(0, idx),
-                    teacher_logits=None if teacher_logits is None else teacher_logits.index_select(0, idx))
+                chunk_targets = {k: None if v is None else v.index_select(0, idx) for k, v in teacher.items()}
+                ce_c, kd_c, grad_z = chunk_loss_and_grad(z, labels.index_select(0, idx), cfg, w_ce, w_kd, need_any,
+                                                         teacher_temperature=teacher_temperature, **chunk_targets)
                 del z  # grad_z is the same buffer
                 ce_sum += ce_c.sum()
                 kd_sum += kd_c.sum()
@@ -121,15 +125,15 @@ class _FusedDistill(torch.autograd.Function):
         grads = ctx.saved_tensors
         unit = bool((grad_loss == 1).all())
         scaled = [g if g is None or unit else g * grad_loss.to(g.dtype) for g in grads]
-        return (*scaled, None, None, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None)
 
 
 def chunk_loss_and_grad(z, labels, cfg, w_ce, w_kd, need_grad, *, teacher_ids=None, teacher_logprobs=None,
-                        teacher_logits=None):
+                        teacher_logits=None, teacher_log_norm=None, teacher_temperature=1.0):
     """Loss terms of one chunk and the gradient of w_ce * sum(ce) + w_kd * sum(kd) w.r.t. its logits.
 
     z (n, V) float logits, OVERWRITTEN (it becomes the gradient); labels (n,) all valid. Targets (n, K) or (n, V) or None
-    (then KD is off). Returns ce (n,), kd (n,) (unscaled by T^2), grad_z (n, V) or None when need_grad is False.
+    (then KD is off); teacher_log_norm (n,) or None and teacher_temperature as in `plain_distill_loss`. Returns ce (n,), kd (n,) (unscaled by T^2), grad_z (n, V) or None when need_grad is False.
     """
     n, vocab = z.shape
     kd_on = teacher_ids is not None or teacher_logits is not None
@@ -155,8 +159,9 @@ def chunk_loss_and_grad(z, labels, cfg, w_ce, w_kd, need_grad, *, teacher_ids=No
             dense_g = divergence_grad(cfg.loss, teacher_lp, s, cfg.beta).mul_(w_kd)
         del teacher_lp
     else:
+        log_norm = None if teacher_log_norm is None else teacher_log_norm.to(s.dtype)  # (n,)
         teacher = sparse_teacher_buckets(teacher_logprobs.to(s.dtype), tail=cfg.tail, temperature=temp,
-                                         vocab_size=vocab)
+                                         vocab_size=vocab, log_norm=log_norm, teacher_temperature=teacher_temperature)
         head = s.gather(1, teacher_ids)  # (n, K)
         uniform = cfg.tail == "uniform"
         sweep = uniform_sweep(cfg.loss, cfg.beta, teacher.rest_lp, s) if uniform else None  # (n,)

@@ -13,11 +13,17 @@ from .config import LossConfig, LossOutput
 
 def plain_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, *,
                        teacher_ids: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None,
-                       teacher_logits: torch.Tensor | None = None) -> LossOutput:
+                       teacher_logits: torch.Tensor | None = None, teacher_log_norm: torch.Tensor | None = None,
+                       teacher_temperature: float = 1.0) -> LossOutput:
     """alpha * CE + (1 - alpha) * T^2 * KD, each averaged over the valid positions.
 
     student_logits (N, V) (or (B, T, V)), any float dtype; labels (N,) int64, cfg.ignore_index where masked.
-    Sparse targets: teacher_ids (N, K) int64, teacher_logprobs (N, K) (T = 1 log-probs, -inf = padded slot).
+    Sparse targets: teacher_ids (N, K) int64, teacher_logprobs (N, K) (log-probs over the full vocabulary at
+    `teacher_temperature`, 1 for stored top-k; -inf = padded slot; the valid ids of a row are distinct).
+    teacher_log_norm (N,) (or (B, T)), optional: log sum_v p_v^(1/T) at T = cfg.temperature (`buckets.tempered_log_norm`,
+    stored at capture); with it the tempered targets and tail are exact, without it T != 1 approximates them.
+    teacher_temperature: the temperature the sparse log-probs are normalized at; sampled targets drawn at tau = T and
+    given unweighted as log(count/N) pass T here and are used as they are.
     Dense targets: teacher_logits (N, V). Neither (or alpha == 1): pure CE. See `buckets` for the math.
     """
     cfg.validate()
@@ -27,7 +33,8 @@ def plain_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: 
     n = labels.shape[0]
     if logits.shape[0] != n:
         raise ValueError(f"student_logits have {logits.shape[0]} positions, labels have {n}")
-    targets = check_targets(n, vocab, teacher_ids, teacher_logprobs, teacher_logits)
+    targets = check_targets(n, vocab, teacher_ids, teacher_logprobs, teacher_logits, teacher_log_norm,
+                            teacher_temperature)
     dtype = compute_dtype(logits.dtype)
 
     valid = labels != cfg.ignore_index  # (N,)
@@ -43,8 +50,10 @@ def plain_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: 
         student = log_probs if t == 1.0 else torch.log_softmax(logits.to(dtype) / t, dim=-1)  # (N, V)
         if targets == "sparse":
             ids = teacher_ids.reshape(n, -1).long()  # (N, K)
+            log_norm = None if teacher_log_norm is None else teacher_log_norm.reshape(n).to(dtype)  # (N,)
             teacher = sparse_teacher_buckets(teacher_logprobs.reshape(n, -1).to(dtype), tail=cfg.tail,
-                                             temperature=t, vocab_size=vocab)
+                                             temperature=t, vocab_size=vocab, log_norm=log_norm,
+                                             teacher_temperature=teacher_temperature)
             sweep = uniform_sweep(cfg.loss, cfg.beta, teacher.rest_lp, student) if cfg.tail == "uniform" else None
             kd_pos = sparse_kd(cfg.loss, cfg.beta, student.gather(1, ids), teacher, sweep)
         else:
