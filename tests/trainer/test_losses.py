@@ -410,6 +410,21 @@ def test_sampled_targets_at_the_loss_temperature_are_used_as_they_are(kind):
     assert (tempered_again - out.kd).abs() > 1e-3
 
 
+def test_garbage_log_norm_at_masked_positions_does_not_leak():
+    p = make_problem(dtype=torch.float32)  # rows 2 and 7 masked
+    top = torch.log_softmax(p["teacher_logits"], -1).topk(5, -1)
+    log_norm = tempered_log_norm(p["teacher_logits"], 2.0)
+    garbage = log_norm.clone()
+    garbage[[2, 7]] = torch.tensor([math.nan, math.inf])
+    cfg = LossConfig(loss="jsd", tail="tail", alpha=0.3, temperature=2.0, chunk_size=3)
+    results = [run_both(p, cfg, dict(teacher_ids=top.indices, teacher_logprobs=top.values, teacher_log_norm=ln))
+               for ln in (log_norm, garbage)]
+    for (clean, clean_grads), (dirty, dirty_grads) in zip(*results):
+        torch.testing.assert_close(dirty.loss, clean.loss)
+        for a, b in zip(dirty_grads, clean_grads):
+            torch.testing.assert_close(a, b)
+
+
 def test_tempering_arguments_are_checked():
     p = make_problem()
     z, labels = logits_of(p).float(), p["labels"]

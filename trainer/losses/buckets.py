@@ -112,7 +112,10 @@ def tempered_log_norm(teacher_logits: torch.Tensor, temperature: float) -> torch
     """The float to store per position and temperature T: log sum_v p_v^(1/T) over the full vocabulary, p = softmax(z).
 
     teacher_logits (..., V) raw logits z -> (...,), computed in float32 (float64 stays float64). Equal to
-    logZ_T - logZ_1 / T with logZ_T = logsumexp(z / T); 0 at T = 1; in [0, (1 - 1/T) log V] for T > 1.
+    logZ_T - logZ_1 / T with logZ_T = logsumexp(z / T); 0 at T = 1 (so nothing needs storing for T = 1); in
+    [0, (1 - 1/T) log V] for T > 1. Store it as float32, from the unrounded logits: an error d in it scales every tempered
+    probability by exp(-d), and float16 near 6 (T = 2, V = 150k) would give d ~ 0.002. The stored log-probs may be
+    float16 or quantized: their error reaches the tempered log-probs divided by T.
     """
     lp = torch.log_softmax(teacher_logits.detach().to(compute_dtype(teacher_logits.dtype)), dim=-1)  # (..., V)
     return torch.logsumexp(lp / temperature, dim=-1)
@@ -167,7 +170,9 @@ def sparse_teacher_buckets(teacher_logprobs: torch.Tensor, *, tail: str, tempera
         else:
             per_id = rest_total = rest_mass.log() * scale  # the ghost tempered as one token: r^(T0/T)
     else:
-        head_t, rest_total = tempered_teacher_logprobs(lp, log_norm.reshape(-1), temperature)  # exact
+        log_norm = log_norm.detach().reshape(-1)  # (n,); positions without a next token may hold anything: keep it finite
+        log_norm = torch.where(torch.isfinite(log_norm), log_norm, 0.0)
+        head_t, rest_total = tempered_teacher_logprobs(lp, log_norm, temperature)  # exact
         has_rest = (rest_total > math.log(TAIL_EPS)) & ~covers_vocab
         per_id = rest_total - n_rest.log() if tail == "uniform" else rest_total
     if tail == "renormalize":

@@ -21,7 +21,9 @@ def plain_distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: 
     Sparse targets: teacher_ids (N, K) int64, teacher_logprobs (N, K) (log-probs over the full vocabulary at
     `teacher_temperature`, 1 for stored top-k; -inf = padded slot; the valid ids of a row are distinct).
     teacher_log_norm (N,) (or (B, T)), optional: log sum_v p_v^(1/T) at T = cfg.temperature (`buckets.tempered_log_norm`,
-    stored at capture); with it the tempered targets and tail are exact, without it T != 1 approximates them.
+    stored at capture); with it the tempered targets and tail are exact, without it T != 1 approximates them. Only for
+    exact stored log-probs (top-k), never for sampled estimates (the tempered estimate would be biased and its tail
+    meaningless). Non-finite values count only at masked positions (they are replaced by 0).
     teacher_temperature: the temperature the sparse log-probs are normalized at; sampled targets drawn at tau = T and
     given unweighted as log(count/N) pass T here and are used as they are.
     Dense targets: teacher_logits (N, V). Neither (or alpha == 1): pure CE. See `buckets` for the math.
