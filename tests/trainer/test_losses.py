@@ -410,6 +410,17 @@ def test_sampled_targets_at_the_loss_temperature_are_used_as_they_are(kind):
     assert (tempered_again - out.kd).abs() > 1e-3
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_fused_equals_plain_with_teacher_temperature(kind, tail):
+    p = make_problem(dtype=torch.float32)  # mixed top-k and sampled rows, taken as normalized at T0 = 2, used at T = 3
+    cfg = LossConfig(loss=kind, tail=tail, alpha=0.3, temperature=3.0, chunk_size=3)
+    (plain, plain_grads), (fused, fused_grads) = run_both(p, cfg, dict(targets_for(tail, p), teacher_temperature=2.0))
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_garbage_log_norm_at_masked_positions_does_not_leak():
     p = make_problem(dtype=torch.float32)  # rows 2 and 7 masked
     top = torch.log_softmax(p["teacher_logits"], -1).topk(5, -1)
