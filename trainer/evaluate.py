@@ -58,6 +58,8 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.T
         head = torch.where(p > 0, p * (t_lp - s_lp), 0.0).sum(-1)  # (n,)
         tiny = torch.finfo(torch.float32).tiny
         p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)  # (n,) float16 storage can overshoot 1 slightly
+        covers_vocab = slot.sum(-1) >= logp.shape[-1]  # (n,) every id stored (distinct): 1 - sum is rounding, not a tail
+        p_tail = torch.where(covers_vocab, 0.0, p_tail)
         s_tail = (1.0 - torch.where(slot, s_lp.exp(), 0.0).sum(-1)).clamp(min=tiny)  # (n,)
         tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=tiny).log() - s_tail.log()), 0.0)
         sums["kl_tokens"] = sums["tokens"].clone()

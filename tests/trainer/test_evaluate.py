@@ -58,6 +58,20 @@ def test_padded_slots_are_ignored():
     assert padded == pytest.approx(finish_metrics(metric_sums(logits, labels, ids, lps)))
 
 
+def test_kl_with_every_id_stored_has_no_tail_from_rounding():
+    """k = V in float16 (the exact encoding's storage): the KL is the full-vocab KL up to the rounding of the stored
+    values (1e-5 here), not a spurious tail bucket from 1 - sum(p) != 0 (2.6e-3 before)."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(64, 300, generator=g) * 2
+    student = teacher + 0.5 * torch.randn(64, 300, generator=g)
+    lp = torch.log_softmax(teacher, -1)
+    ids = torch.argsort(torch.rand(64, 300, generator=g), -1)  # every id, shuffled
+    labels = torch.randint(0, 300, (64,), generator=g)
+    exact = (lp.exp() * (lp - torch.log_softmax(student, -1))).sum(-1).mean().item()
+    stored = lp.gather(1, ids).half().float()
+    assert finish_metrics(metric_sums(student, labels, ids, stored))["kl"] == pytest.approx(exact, abs=5e-5)
+
+
 def test_ece_bins_are_equal_width():
     # two positions in the same bin [0.6, 0.7): one right one wrong -> |0.6+0.65 - 1| / 2; a perfect third in bin 9
     logits = torch.tensor([[0.6, 0.4, 0.0], [0.65, 0.35, 0.0], [1.0, 0.0, 0.0]]).clamp(min=1e-30).log()
