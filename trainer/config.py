@@ -19,6 +19,8 @@ HIDDEN_LOSSES = ("mse", "cosine")
 DTYPES = ("auto", "bfloat16", "float32")
 LOSS_IMPLS = ("fused", "plain")
 TARGETS = ("auto", "topk", "sampled")
+SCHEDULES = ("cosine", "constant", "wsd")
+EXTENSIBLE_SCHEDULES = ("constant", "wsd")  # their values before a step do not depend on the total: --steps can change
 
 
 @dataclass
@@ -62,7 +64,13 @@ class TrainConfig:
     lr: float = 3e-4
     """Peak learning rate (AdamW)."""
     warmup: int = 100
-    """Steps of linear warmup; cosine decay to zero follows."""
+    """Steps of linear warmup; then the --schedule."""
+    schedule: str = "cosine"
+    """Learning rate after the warmup: cosine (decays to 0 at the last step), constant, or wsd (warmup-stable-decay:
+    constant, then a linear decay to 0 over the last --decay-steps). A constant or wsd run can be extended: resume it
+    with a larger --steps and it continues exactly as if it had been started with that total."""
+    decay_steps: int | None = None
+    """wsd only: steps of the final linear decay (default: 20% of --steps)."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not to norms and biases)."""
     max_grad_norm: float = 1.0
@@ -118,7 +126,7 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             problems.append("give --steps or --epochs, not both")
         for name, choices in (("loss", LOSSES), ("tail", TAILS), ("hidden_loss", HIDDEN_LOSSES), ("dtype", DTYPES),
-                              ("loss_impl", LOSS_IMPLS), ("targets", TARGETS)):
+                              ("loss_impl", LOSS_IMPLS), ("targets", TARGETS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 problems.append(f"--{_flag(name)} is {getattr(self, name)!r}; expected one of {', '.join(choices)}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -128,8 +136,11 @@ class TrainConfig:
         for name in ("hidden_weight", "weight_decay", "max_grad_norm", "step_sleep"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} is {getattr(self, name)}; expected 0 or more")
+        if self.decay_steps is not None and self.schedule != "wsd":
+            problems.append(f"--decay-steps is for --schedule wsd (got --schedule {self.schedule}); drop it or pass "
+                            "--schedule wsd")
         for name in ("steps", "epochs", "batch_size", "grad_accum", "save_every", "keep_last", "eval_every",
-                     "eval_batches", "log_every", "chunk_size"):
+                     "eval_batches", "log_every", "chunk_size", "decay_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{_flag(name)} is {value}; expected a positive integer")
@@ -224,15 +235,29 @@ def _coerce(cls, name: str, value):
 TRAJECTORY_FIELDS = (
     "student", "student_config", "online_teacher", "targets", "loss", "tail", "alpha", "temperature", "hidden_weight", "hidden_map",
     "hidden_loss", "steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "dtype",
-    "seed", "loss_impl",
+    "seed", "loss_impl", "schedule", "decay_steps",
 )
 
 
+def steps_extensible(saved: dict, cfg: TrainConfig) -> bool:
+    """May a resumed run change --steps? Only with a schedule whose values before a step do not depend on the total
+    (constant, wsd), the same one as recorded, and a step count given on both sides (not --epochs)."""
+    return (cfg.schedule in EXTENSIBLE_SCHEDULES and saved.get("schedule", "cosine") == cfg.schedule
+            and saved.get("steps") is not None and cfg.steps is not None)
+
+
 def trajectory_diff(saved: dict, cfg: TrainConfig) -> list[str]:
-    """Flags whose value differs from the run being resumed, as 'name: saved -> now'."""
-    return [
-        f"--{_flag(k)}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-        for k in TRAJECTORY_FIELDS
-        if k in saved and saved[k] != getattr(cfg, k)
-    ]
+    """Flags whose value differs from the run being resumed, as 'name: saved -> now' (plus the fix, for --steps)."""
+    diff = []
+    for k in TRAJECTORY_FIELDS:
+        if k not in saved or saved[k] == getattr(cfg, k):
+            continue
+        if k == "steps" and steps_extensible(saved, cfg):
+            continue  # an extension: trainer.train.resume_point picks a checkpoint both totals agree on
+        item = f"--{_flag(k)}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+        if k == "steps" and saved.get("schedule", "cosine") == "cosine":
+            item += (" (the cosine schedule depends on the total, so this run cannot be extended; to extend runs, start "
+                     "them with --schedule constant or --schedule wsd)")
+        diff.append(item)
+    return diff
 

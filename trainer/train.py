@@ -1,7 +1,7 @@
 """Stage two, top-down: `train(cfg)` streams a logit dataset into a student, checkpoints, resumes exactly, evaluates.
 
 dataset + run folder + student (every refusal before any step) → model, losses, optimizer → resume point → loop
-(micro-batches, accumulation, clipping, AdamW, warmup + cosine) → checkpoints, metrics, evaluation → the saved student.
+(micro-batches, accumulation, clipping, AdamW, warmup + cosine/constant/wsd) → checkpoints, metrics, evaluation → the saved student.
 Runs alone or under torchrun (DDP: each rank reads its own part of the data; only rank 0 writes). Called by
 `distill train` (trainer/cli.py) and from Python; returns the final metrics.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -22,8 +23,9 @@ from pipeline.errors import UserError
 from pipeline.format import open_dataset, write_json_atomic
 
 from . import losses
-from .checkpoint import CHECKPOINTS, latest_checkpoint, load_state, rng_state, save_checkpoint, seed_everything, set_rng_state
-from .config import TrainConfig, trajectory_diff
+from .checkpoint import (CHECKPOINTS, checkpoint_dir, list_checkpoints, load_state, rng_state, save_checkpoint,
+                         seed_everything, set_rng_state)
+from .config import TrainConfig, steps_extensible, trajectory_diff
 from .data import WindowReader, make_loader, stored_target_kind
 from .distributed import (all_gather_objects, all_reduce_sum, barrier, broadcast_error, close_distributed, dist_env,
                           init_distributed, resolve_device_dtype)
@@ -85,7 +87,9 @@ def train(cfg: TrainConfig) -> dict:
     reader = WindowReader(ds, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, targets=targets,
                           hidden_layers=tuple(sorted(set(layer_map.values()))))
     total_steps = cfg.steps or max(1, cfg.epochs * reader.batches_per_epoch // cfg.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, total_steps))
+    lr_factor = lr_schedule(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    keep_at = stable_end(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)  # wsd: a checkpoint kept for extensions
     eval_reader = None
     if eval_ds is not None:
         eval_reader = WindowReader(eval_ds, cfg.batch_size, rank=rank, world_size=world, shuffle=False, epochs=1,
@@ -101,9 +105,12 @@ def train(cfg: TrainConfig) -> dict:
         projections.load_state_dict(state["projections"])
         set_rng_state(state["rng"][rank])
         step = int(state["step"])
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # this total's value (an extension's)
+            group["lr"] = base * lr_factor(step)
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout differs across ranks; the weights above are the same everywhere
     if rank == 0:
+        forget_abandoned(out, cfg, step)
         start_run_folder(out, cfg, ds, step)
     barrier()
 
@@ -153,13 +160,15 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
             sums.zero_()
             windows, t_log = [], time.perf_counter()
-        if step % cfg.save_every == 0 or step == total_steps:
+        if step % cfg.save_every == 0 or step == total_steps or step == keep_at:
             rngs = all_gather_objects(rng_state())  # every rank's generators, so each resumes its own dropout stream
             if rank == 0:
                 save_checkpoint(out, step, model, {
                     "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "reader": reader.state_dict(), "projections": projections.state_dict(), "rng": rngs,
                 }, cfg.keep_last)
+                if step == keep_at:
+                    keep_stable_copy(out, step)
             barrier()
         if eval_reader is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             metrics = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
@@ -222,7 +231,59 @@ def resume_point(out: Path, cfg: TrainConfig, ds) -> Path | None:
     if diff:
         raise UserError(f"--resume with changed settings ({', '.join(diff)}); pass the settings recorded in "
                         f"{out / TRAIN_CONFIG}, or choose a new --out")
-    return latest_checkpoint(out)
+    found = resumable_checkpoints(out)
+    old = saved.get("config", {})
+    if not found or not steps_extensible(old, cfg) or old["steps"] == cfg.steps:
+        return found[-1][1] if found else None
+    # An extension (or a shortening): the newest checkpoint taken before the two totals' schedules part. With constant
+    # that is the newest one; with wsd a finished run has decayed, so it is the copy kept at the end of its stable phase.
+    before = lr_schedule(old["schedule"], old.get("warmup", cfg.warmup), old["steps"], old.get("decay_steps"))
+    after = lr_schedule(cfg.schedule, cfg.warmup, cfg.steps, cfg.decay_steps)
+    part = next((i for i in range(max(old["steps"], cfg.steps)) if before(i) != after(i)), max(old["steps"], cfg.steps))
+    usable = [(s, p) for s, p in found if s <= min(part, cfg.steps)]
+    if not usable:
+        raise UserError(f"--steps {cfg.steps}: no checkpoint in {out / CHECKPOINTS} was taken before step {part}, where "
+                        f"the {cfg.schedule} schedules of {old['steps']} and {cfg.steps} steps part; choose a new --out")
+    return usable[-1][1]
+
+
+STABLE = "stable-"  # wsd: OUT/checkpoints/stable-NNNNNN, a copy of the checkpoint at the end of the stable phase
+
+
+def resumable_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints and kept wsd stable-phase copies as (step, folder), oldest first (a step-* before a copy)."""
+    root = out / CHECKPOINTS
+    kept = [(int(p.name[len(STABLE):]), p) for p in root.glob(STABLE + "[0-9]*")
+            if p.name[len(STABLE):].isdigit() and (p / "state.pt").is_file()] if root.is_dir() else []
+    return sorted(list_checkpoints(out) + kept, key=lambda x: (x[0], x[1].name.startswith(STABLE)))
+
+
+def keep_stable_copy(out: Path, step: int) -> None:
+    """Copy the checkpoint of `step` (the last before wsd's decay) where the keep-last rotation never deletes it."""
+    final = out / CHECKPOINTS / f"{STABLE}{step:06d}"
+    tmp = final.with_name(f"{final.name}.tmp-copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir(out, step), tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for s, path in resumable_checkpoints(out):  # an older copy is on the same trajectory but no longer needed
+        if path.name.startswith(STABLE) and s < step:
+            shutil.rmtree(path)
+
+
+def forget_abandoned(out: Path, cfg: TrainConfig, step: int) -> None:
+    """After choosing where to continue: delete checkpoints past `step` (they belong to the trajectory of the old total,
+    e.g. a decayed wsd ending), then record the new total. In this order, so a kill in between leaves a folder whose
+    recorded total and checkpoints still agree."""
+    for s, path in resumable_checkpoints(out):
+        if s > step:
+            shutil.rmtree(path)
+    path = out / TRAIN_CONFIG
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("config", {}).get("steps") != cfg.steps and steps_extensible(saved.get("config", {}), cfg):
+            saved["config"]["steps"] = cfg.steps
+            write_json_atomic(path, saved)
 
 
 def start_run_folder(out: Path, cfg: TrainConfig, ds, step: int) -> None:
@@ -258,6 +319,35 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) ->
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def lr_schedule(schedule: str, warmup: int, total: int, decay_steps: int | None = None):
+    """LR multiplier after `step` optimizer steps, for --schedule cosine, constant or wsd (linear warmup first).
+
+    constant and wsd give every step before the decay the same value whatever the total, which is what lets a run be
+    extended; wsd then decays linearly over the last `decay_steps` d (default 20% of the total), d/(d+1) down to
+    1/(d+1), reaching 0 one step past the end.
+    """
+    if schedule == "cosine":
+        return warmup_cosine(warmup, total)
+    start = stable_end(schedule, warmup, total, decay_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if start is None or step < start:
+            return 1.0
+        return max(0.0, (total - step) / (total - start + 1))  # d/(d+1) ... 1/(d+1): each decay step lower
+
+    return factor
+
+
+def stable_end(schedule: str, warmup: int, total: int, decay_steps: int | None) -> int | None:
+    """wsd: the step where the decay starts (its checkpoint is kept for extensions); None for other schedules."""
+    if schedule != "wsd":
+        return None
+    decay = decay_steps if decay_steps is not None else max(1, round(0.2 * total))
+    return max(1, total - decay)
 
 
 def warmup_cosine(warmup: int, total: int):

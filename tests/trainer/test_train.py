@@ -290,3 +290,65 @@ def test_ddp_two_ranks_cover_the_single_process_epoch(run_train, tmp_path, datas
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(single["windows"][0]) == list(range(WINDOWS))
     assert (out / "model.safetensors").exists() and json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+# --- learning-rate schedules and runs extended with a larger --steps (issue 9) -------------------------------------
+
+
+def test_schedules_values():
+    from trainer.train import lr_schedule, stable_end
+
+    cos = lr_schedule("cosine", 2, 10)
+    assert [cos(0), cos(1), cos(2)] == [0.5, 1.0, 1.0] and 0 < cos(9) < 0.05
+    const = lr_schedule("constant", 2, 10)
+    assert [const(i) for i in range(12)] == [0.5] + [1.0] * 11
+    wsd = lr_schedule("wsd", 2, 10)  # default decay: 20% of 10 = 2 steps, from step 8
+    assert stable_end("wsd", 2, 10, None) == 8 and stable_end("cosine", 2, 10, None) is None
+    assert [wsd(i) for i in range(10)] == [0.5] + [1.0] * 7 + [2 / 3, 1 / 3]
+    wsd4 = lr_schedule("wsd", 0, 10, decay_steps=4)
+    assert [wsd4(i) for i in range(5, 10)] == [1.0, 0.8, 0.6, 0.4, 0.2]
+    # before its decay, a longer wsd run has exactly the values of a shorter one: what makes extensions exact
+    assert [lr_schedule("wsd", 2, 100)(i) for i in range(8)] == [wsd(i) for i in range(8)]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "wsd"])
+def test_extending_a_finished_run_equals_a_run_started_with_the_larger_total(schedule, run_train, tmp_path):
+    # save_every is large: the short run keeps only its final checkpoint (and, for wsd, the copy of its stable phase)
+    _, short = run_train(out=tmp_path / "short", steps=5, schedule=schedule, log_every=1)
+    names = sorted(p.name for p in (short / "checkpoints").iterdir())
+    assert names == (["stable-000004", "step-000004", "step-000005"] if schedule == "wsd" else ["step-000005"])
+    _, extended = run_train(out=short, steps=10, schedule=schedule, log_every=1, resume=True)
+    _, whole = run_train(out=tmp_path / "whole", steps=10, schedule=schedule, log_every=1)
+
+    assert_same_weights(extended, whole)
+    assert [(x["step"], x["lr"], x["loss"]) for x in train_lines(extended)] == \
+        [(x["step"], x["lr"], x["loss"]) for x in train_lines(whole)]
+    assert json.loads((extended / "train_config.json").read_text())["config"]["steps"] == 10
+    if schedule == "wsd":  # the decayed step 5 of the short run is gone; the new total's stable phase ends at 8
+        assert sorted(p.name for p in (extended / "checkpoints").iterdir()) == [
+            "stable-000008", "step-000004", "step-000008", "step-000010"]
+    # extended again, from the new total's kept checkpoint
+    _, again = run_train(out=extended, steps=12, schedule=schedule, resume=True)
+    _, whole12 = run_train(out=tmp_path / "whole12", steps=12, schedule=schedule)
+    assert_same_weights(again, whole12)
+
+
+def test_wsd_extension_without_a_checkpoint_before_the_decay_is_refused(run_train, tmp_path):
+    _, out = run_train(steps=5, schedule="wsd")
+    shutil.rmtree(out / "checkpoints" / "stable-000004")
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    with pytest.raises(UserError, match=r"--steps 10: no checkpoint .* before step 4, where the wsd schedules of 5 and "
+                                        r"10 steps part; choose a new --out"):
+        run_train(out=out, steps=10, schedule="wsd", resume=True)
+    assert (out / "checkpoints" / "step-000005").is_dir()  # nothing deleted by the refusal
+
+
+def test_cosine_run_cannot_be_extended_and_the_refusal_names_the_fix(run_train, tmp_path):
+    _, out = run_train(steps=2)
+    with pytest.raises(UserError, match=r"--steps: 2 -> 4 \(the cosine schedule depends on the total.*start them with "
+                                        r"--schedule constant or --schedule wsd\)"):
+        run_train(out=out, steps=4, resume=True)
+    with pytest.raises(UserError, match=r"--schedule: 'cosine' -> 'constant'"):
+        run_train(out=out, steps=4, schedule="constant", resume=True)
+    with pytest.raises(UserError, match="--decay-steps is for --schedule wsd"):
+        run_train(out=tmp_path / "x", steps=4, decay_steps=2)
