@@ -1,7 +1,7 @@
 """Teacher targets as buckets, and the divergences over them. Shared by `plain` and `fused`, so both compute the same math.
 
 A sparse target stores, per position, K token ids and the teacher's log-probabilities there (normalized over the full
-vocabulary at T = 1; padded slots are -inf). The vocabulary is split into buckets: the K stored ids, plus what the
+vocabulary, at T = 1 for stored top-k: see Temperature; padded slots are -inf). The vocabulary is split into buckets: the K stored ids, plus what the
 `tail` mode says about the rest:
 
 - `tail`: one ghost bucket. Teacher mass r = 1 - sum(p_k); student mass = 1 - sum(q_k), computed as
@@ -35,7 +35,8 @@ stored. So there are two ways:
   - `uniform`: exact under its own assumption (M ids of r/M each give M (r/M)^(1/T));
   - `tail`: the ghost bucket is tempered as one token, r^(1/T). The true tempered tail sum_j p_j^(1/T) lies between
     r^(1/T) and M^(1-1/T) r^(1/T) for T > 1, so the ghost is under-weighted for T > 1 (over-weighted for T < 1); exact at
-    T = 1. On a real teacher whose top-64 held 63% of the mass, forward KL at T = 2 came out 6.6 instead of 0.50.
+    T = 1. On a real teacher whose top-64 held 63% of the mass, forward KL at T = 2 came out 6.6 instead of 0.50
+    (issue 15); use it only when the log-normalizer was not captured.
   - sampled targets: the estimates raised to 1/T and renormalized over the drawn ids: a plug-in estimate of the tempered
     teacher, consistent as N grows but biased (by O(1/N)) at every N. The unbiased way to get tempered sampled targets
     is to draw at τ = T and pass the unweighted log(count/N) with `teacher_temperature = T`: E[count/N] = softmax(z/T)
@@ -55,8 +56,9 @@ from .config import TAIL_MODES
 
 TAIL_EPS = 1e-6
 """Mass below which a tail is float rounding, not signal: a teacher tail 1 - sum(p_k) under it counts as 0 (it is 1e-7
-noise when the stored ids cover the vocabulary), and the student's ghost bucket mass is floored at it because
-1 - sum(q_k) computed in float32 cannot resolve less; without the floor log(ghost) and its gradient would explode."""
+noise when the stored ids cover the vocabulary), and, when some ids are not stored, the student's ghost bucket mass is
+floored at it because 1 - sum(q_k) computed in float32 cannot resolve less; without the floor log(ghost) and its
+gradient would explode. (So a student ghost truly under 1e-6 reads as 1e-6 and gets no gradient there.)"""
 
 _LOG_HEAD_MAX = math.log1p(-TAIL_EPS)  # cap on log(sum q_k), i.e. student ghost mass >= TAIL_EPS
 
