@@ -131,13 +131,30 @@ def inspect(path, as_json):
 
 @main.command()
 @click.argument("path")
-def verify(path):
-    """Recompute every checksum and check schema and shapes against the manifest (exit 0 when sound)."""
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (it is shown only on a terminal).")
+def verify(path, no_progress):
+    """Check everything a dataset can be checked against (exit 0 when sound): the manifest against itself, the
+    tokenizer files, every checksum, schemas, every column's values and the Zarr metadata (docs/FORMAT.md, "Verify")."""
 
     def go():
+        from tqdm import tqdm
+
         from .format import verify_dataset
 
-        ds = verify_dataset(path)
+        bar = None
+
+        def progress(shard):
+            nonlocal bar
+            if bar is None:  # the dataset is open by now: its size is known
+                bar = tqdm(total=shard.dataset.windows, desc="verify", unit="window", file=sys.stderr,
+                           disable=no_progress or not sys.stderr.isatty())
+            bar.update(shard.windows)
+
+        try:
+            ds = verify_dataset(path, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
         click.echo(f"ok: {len(ds.shards)} shards, {ds.windows} windows verified")
 
     run_or_exit(go)

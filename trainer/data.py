@@ -10,8 +10,9 @@ than ranks still split at window granularity. Every rank gets floor(N / W) windo
 of steps; the last N mod W windows of each epoch's order (< W, different ones each epoch) are skipped. A rank's windows are cut into batches in
 order (the last one may be short); DataLoader workers take those batches round-robin, which is the order the DataLoader
 hands them back in, so the stream is identical for any --workers. Resume state is (epoch, batches consumed in it): the
-restart skips by index without reading anything. Each process verifies a shard's checksums the first time it opens it
-(so with workers, once per worker).
+restart skips by index without reading anything. Each process verifies a shard the first time it opens it, before any
+of its batches is used (so with workers, once per worker): checksums, Arrow schema, and the values a loss relies on
+(pipeline.format.values); opening the dataset already checked the manifest, the sizes and the tokenizer files.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.format import open_dataset
 from pipeline.format.reader import Dataset, Shard
+from pipeline.format.values import check_values
 
 IGNORE_INDEX = -100
 OPEN_SHARDS = 2  # shards kept open per process; remote shards live in memory, so keep few
@@ -174,7 +176,10 @@ class WindowReader(torch.utils.data.IterableDataset):
             return self._open[i]
         shard = Shard(self.ds, self.ds.manifest["shards"][i])  # a fresh view, so closing it frees a remote shard's memory
         if self.verify and i not in self._verified:
+            # before any batch of this shard is used: its files, then the values a loss relies on (ids below the
+            # vocabulary, 0/1 masks, log-probs neither NaN nor above 0, sorted top-k, counts that add up)
             shard.verify_checksums(hidden=bool(self.hidden_layers))
+            check_values(shard, kinds=[] if self.targets == "none" else [self.targets])
             self._verified.add(i)
         self._open[i] = {"shard": shard, "hidden": {layer: shard.hidden(layer) for layer in self.hidden_layers}}
         while len(self._open) > OPEN_SHARDS:

@@ -2,14 +2,17 @@
 
 `open_dataset(path)` trusts only the manifest: a shard file that is not listed there does not exist. Shards are read lazily;
 local Arrow files are memory-mapped so every column is a zero-copy numpy view; hidden states stay in Zarr until sliced.
-A dataset may come from someone else: manifest paths are checked to stay inside the folder and Zarr metadata is checked
-against a codec allowlist before zarr parses it. Imports no torch.
+A dataset may come from someone else: the whole manifest is checked when it is opened (format.manifest: types, ranges,
+paths that stay inside the folder, sizes against the files), the tokenizer folder against its checksums
+(format.tokenizer_files), each file's type and size before it is opened (no symlink, FIFO or device), and Zarr
+metadata key by key before zarr parses it (format.zarr_meta). Imports no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import cached_property
 
 import fsspec
@@ -18,55 +21,73 @@ import pyarrow as pa
 
 from ..errors import FormatError
 from .encode import decode_sampled, decode_topk
-from .files import HASH_BLOCK, safe_relpath
-from .schema import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARDS_DIR
-
-# Codecs a hidden-state array may use. Anything else (e.g. a pickle-based numcodecs codec) is refused unread.
-ALLOWED_ZARR_CODECS = {"bytes", "zstd", "sharding_indexed", "crc32c", "transpose", "gzip", "blosc"}
-
-
-def _check_codecs(codecs: list, where: str) -> None:
-    for codec in codecs or []:
-        name = codec.get("name") if isinstance(codec, dict) else None
-        if name not in ALLOWED_ZARR_CODECS:
-            raise FormatError(
-                f"{where} uses zarr codec {name!r}; allowed: {', '.join(sorted(ALLOWED_ZARR_CODECS))}. "
-                "The dataset was not written by distill or was altered: do not use it"
-            )
-        if name == "sharding_indexed":
-            conf = codec.get("configuration", {})
-            _check_codecs(conf.get("codecs", []), where)
-            _check_codecs(conf.get("index_codecs", []), where)
+from .files import HASH_BLOCK, check_plain, walk_plain
+from .manifest import check_manifest
+from .schema import MANIFEST, SHARDS_DIR, schema_description
+from .tokenizer_files import check_tokenizer_files
+from .zarr_meta import ALLOWED_ZARR_CODECS, ZARR_V2_FILES, check_array_meta, check_group_meta, zarr_filesystem  # noqa: F401
 
 
 class Shard:
-    """One shard: its manifest record, its columns as numpy views, its hidden states as zarr arrays."""
+    """One shard: its manifest record, its columns as numpy views, its hidden states as zarr arrays.
+
+    The record was checked with the whole manifest when the dataset was opened (names, sizes, file list).
+    """
 
     def __init__(self, dataset: "Dataset", record: dict):
         self.dataset, self.record = dataset, record
-        self.name = safe_relpath(record["name"], "shard")
+        self.name = record["name"]
         self.windows = int(record["windows"])
         self.files = record["files"]
-        for rel in self.files:
-            safe_relpath(rel, "shard file")
+        self._zarr_checked = False
 
     def __repr__(self) -> str:
         return f"Shard({self.name!r}, windows={self.windows})"
 
+    def where(self, rel: str) -> str:
+        """The user-facing path of one of this shard's files, for messages."""
+        return f"{self.dataset.url}/{SHARDS_DIR}/{rel}"
+
+    def check_file(self, rel: str) -> str:
+        """Path of a listed file after refusing a symlink or special file and a size other than the manifest's,
+        before anything opens it (a FIFO or /dev/zero would hang a reader)."""
+        path = f"{self.dataset.root}/{SHARDS_DIR}/{rel}"
+        try:
+            if self.dataset.is_local:
+                check_plain(self.dataset.root, f"{SHARDS_DIR}/{rel}", kind="file")
+            size = self.dataset.fs.size(path)
+        except FileNotFoundError:
+            raise FormatError(f"{self.where(rel)}: listed in the manifest but missing; re-copy the dataset")
+        except FormatError as e:
+            raise FormatError(f"shard {self.name}: {e}")
+        expected = self.files[rel]["bytes"]
+        if size != expected:
+            raise FormatError(f"{self.where(rel)}: has {size} bytes but the manifest says {expected}; the file was altered "
+                              "or damaged: re-copy the dataset or rerun precompute")
+        return path
+
     @cached_property
     def table(self) -> pa.Table:
-        path = f"{self.dataset.root}/{SHARDS_DIR}/{self.name}.arrow"
+        rel = f"{self.name}.arrow"
+        path = self.check_file(rel)
         try:
             if self.dataset.is_local:
                 source = pa.memory_map(path, "r")
             else:
                 with self.dataset.fs.open(path, "rb") as f:
                     source = pa.BufferReader(f.read())
-            table = pa.ipc.open_stream(source).read_all()
-        except (OSError, pa.ArrowInvalid) as e:
-            raise FormatError(f"shard {self.name}: cannot read {self.name}.arrow ({e}); run `distill verify` on the dataset")
+            reader = pa.ipc.open_stream(source)
+            found = schema_description(reader.schema)
+            expected = self.dataset.manifest["schema"]
+            if found != expected:  # checked before reading any row: the manifest's sizes are the ones already checked
+                diff = sorted(set(found.items()) ^ set(expected.items()))[:4]
+                raise FormatError(f"{self.where(rel)}: columns differ from the manifest schema: {diff}")
+            table = reader.read_all()
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"{self.where(rel)}: cannot read it as an Arrow stream ({' '.join(str(e).split())[:200]}); "
+                              "run `distill verify` on the dataset")
         if table.num_rows != self.windows:
-            raise FormatError(f"shard {self.name} holds {table.num_rows} windows but the manifest says {self.windows}")
+            raise FormatError(f"{self.where(rel)}: holds {table.num_rows} windows but the manifest says {self.windows}")
         return table
 
     def column(self, name: str, rows=None):
@@ -107,6 +128,44 @@ class Shard:
         decode = decode_topk if kind == "topk" else decode_sampled
         return decode(col, self.dataset.capture, self.dataset.seq_len)
 
+    def check_zarr(self) -> None:
+        """Refuse a Zarr folder that holds a symlink, a special file, a file the manifest does not list or Zarr v2
+        metadata, and check the group's and every layer's zarr.json, before zarr opens anything."""
+        if self._zarr_checked:
+            return
+        prefix = f"{self.name}.zarr/"
+        listed = {rel[len(prefix):] for rel in self.files if rel.startswith(prefix)}
+        for rel in sorted(listed):
+            if rel.rsplit("/", 1)[-1] in ZARR_V2_FILES:
+                raise FormatError(f"{self.where(prefix + rel)}: Zarr v2 metadata; format version 1 stores Zarr v3 only "
+                                  "(the dataset was not written by distill or was altered: do not use it)")
+        if self.dataset.is_local:
+            try:
+                present = walk_plain(check_plain(self.dataset.root, f"{SHARDS_DIR}/{self.name}.zarr", kind="dir"))
+            except FormatError as e:
+                raise FormatError(f"shard {self.name}: {e}")
+            extra = sorted(set(present) - listed)
+            if extra:
+                raise FormatError(f"{self.where(prefix + extra[0])}: not listed in the manifest, yet zarr could read it; "
+                                  "the dataset was altered: re-copy it")
+        check_group_meta(self._json(prefix + "zarr.json"), self.where(prefix + "zarr.json"))
+        T = self.dataset.seq_len
+        for x in self.dataset.capture.get("hidden_layers", []):
+            rel = f"{prefix}layer_{x['index']}/zarr.json"
+            if rel not in self.files:
+                raise FormatError(f"shard {self.name}: the manifest lists no {rel} although layer {x['index']} was captured")
+            check_array_meta(self._json(rel), self.where(rel), (self.windows * T, x["width"]))
+        self._zarr_checked = True
+
+    def _json(self, rel: str):
+        path = self.check_file(rel)
+        with self.dataset.fs.open(path, "rb") as f:
+            raw = f.read()
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise FormatError(f"{self.where(rel)}: not valid JSON ({e}); re-copy the dataset")
+
     def hidden(self, layer: int):
         """Hidden states of `layer` (an index into the teacher's hidden_states) as a lazy zarr array (tokens, hidden)."""
         import zarr
@@ -114,30 +173,28 @@ class Shard:
         layers = self.dataset.hidden_layers
         if layer not in layers:
             raise FormatError(f"dataset has no hidden states for layer {layer}; stored layers: {layers}")
+        self.check_zarr()
         base = f"{self.dataset.root}/{SHARDS_DIR}/{self.name}.zarr/layer_{layer}"
-        with self.dataset.fs.open(f"{base}/zarr.json", "rb") as f:
-            meta = json.loads(f.read())
-        _check_codecs(meta.get("codecs", []), f"shard {self.name} layer {layer}")
-        store = zarr.storage.FsspecStore(self.dataset.fs, path=base, read_only=True) if not self.dataset.is_local else base
-        arr = zarr.open_array(store, mode="r", zarr_format=3)
-        if arr.shape[0] != self.windows * self.dataset.seq_len:
-            raise FormatError(f"shard {self.name} layer {layer} has {arr.shape[0]} tokens, expected {self.windows * self.dataset.seq_len}")
-        return arr
+        if self.dataset.is_local:
+            store = base
+        else:  # a filesystem made for zarr's event loop, never the dataset's own (see zarr_filesystem)
+            store = zarr.storage.FsspecStore(zarr_filesystem(self.dataset.fs), path=base, read_only=True)
+        try:
+            return zarr.open_array(store, mode="r", zarr_format=3)
+        except Exception as e:  # metadata was checked above; anything zarr still refuses is a damaged file
+            raise FormatError(f"{self.where(f'{self.name}.zarr/layer_{layer}')}: zarr cannot open it ({' '.join(str(e).split())[:200]})")
 
     def verify_checksums(self, hidden: bool = True) -> None:
         """Recompute the sha256 of every file of this shard (the Zarr files only when `hidden`); raise FormatError
-        naming the first mismatch."""
+        naming the first mismatch. Each file's type and size are checked before it is opened."""
         for rel, meta in self.files.items():
             if not hidden and ".zarr/" in rel:
                 continue
-            path = f"{self.dataset.root}/{SHARDS_DIR}/{rel}"
+            path = self.check_file(rel)
             h = hashlib.sha256()
-            try:
-                with self.dataset.fs.open(path, "rb") as f:
-                    while block := f.read(HASH_BLOCK):
-                        h.update(block)
-            except FileNotFoundError:
-                raise FormatError(f"shard {self.name}: file {rel} listed in the manifest is missing; re-copy the dataset")
+            with self.dataset.fs.open(path, "rb") as f:
+                while block := f.read(HASH_BLOCK):
+                    h.update(block)
             if h.hexdigest() != meta["sha256"]:
                 raise FormatError(
                     f"shard {self.name}: checksum mismatch in {rel} (manifest {meta['sha256'][:12]}…, file {h.hexdigest()[:12]}…); "
@@ -146,13 +203,24 @@ class Shard:
 
 
 class Dataset:
-    """An opened dataset: the manifest and its shards."""
+    """An opened dataset: the manifest (checked whole, see format.manifest), its tokenizer files (checked), its shards."""
 
     def __init__(self, url: str):
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.root = self.root.rstrip("/")
+        self.root = self.root.rstrip("/") or "/"
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        where = f"{self.url}/{MANIFEST}"
+        if self.is_local:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise FormatError(f"{self.url} is a file, not a dataset folder; pass the folder that holds {MANIFEST}")
+            if not os.path.lexists(f"{self.root}/{MANIFEST}"):
+                raise FormatError(
+                    f"{self.url} has no {MANIFEST}: not a distill dataset, or its precompute has not finished "
+                    "(rerun the same `distill precompute` command to resume it)"
+                )
+            check_plain(self.root, MANIFEST, kind="file")
+            check_plain(self.root, SHARDS_DIR, kind="dir")
         try:
             with self.fs.open(f"{self.root}/{MANIFEST}", "rb") as f:
                 raw = f.read()
@@ -161,21 +229,18 @@ class Dataset:
                 f"{self.url} has no {MANIFEST}: not a distill dataset, or its precompute has not finished "
                 "(rerun the same `distill precompute` command to resume it)"
             )
+        except OSError as e:
+            raise FormatError(f"{where}: cannot read it ({e})")
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         try:
             self.manifest = json.loads(raw)
         except ValueError as e:
-            raise FormatError(f"{self.url}/{MANIFEST} is not valid JSON ({e})")
-        m = self.manifest
-        if m.get("format") != FORMAT_NAME:
-            raise FormatError(f"{self.url}: manifest format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
-        version = m.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise FormatError(
-                f"{self.url}: dataset format version {version} is newer than this distill understands ({FORMAT_VERSION}); "
-                "upgrade offline-distill"
-            )
-        self.shards = [Shard(self, r) for r in m["shards"]]
+            raise FormatError(f"{where}: not valid JSON ({e}); re-copy the dataset")
+        check_manifest(self.manifest, where)
+        self.shards = [Shard(self, r) for r in self.manifest["shards"]]
+        starts = np.cumsum([0] + [s.windows for s in self.shards])
+        self.window_starts = [int(x) for x in starts[:-1]]  # global index of each shard's first window
+        check_tokenizer_files(self)
 
     def __repr__(self) -> str:
         return f"Dataset({self.url!r}, shards={len(self.shards)}, windows={self.windows})"

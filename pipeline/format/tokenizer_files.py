@@ -1,0 +1,93 @@
+"""Check a dataset's `tokenizer/` folder against its manifest before anything loads it. Imports no torch.
+
+transformers reads every file of a tokenizer folder and, with `auto_map`, would import code from it; the students a
+dataset trains are saved with this tokenizer. So the folder must hold exactly the files the manifest lists, each with
+its recorded size and sha256, no symlink or special file, no request for remote code, and `tokenizer.json` must
+hash to `tokenizer.sha256` and hold `tokenizer.vocab_size` ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..errors import FormatError
+from .files import HASH_BLOCK, check_plain, walk_plain
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def _fail(where: str, msg: str):
+    raise FormatError(f"{where}: {msg}; the dataset's tokenizer was altered or damaged: re-copy the dataset or rerun "
+                      "`distill precompute`")
+
+
+def tokenizer_vocab_size(spec: dict) -> int | None:
+    """Number of ids of a `tokenizer.json` (model vocabulary plus added tokens), as `len(tokenizer)` counts them."""
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):
+        ids = {v for v in vocab.values() if type(v) is int}
+    elif isinstance(vocab, list):  # Unigram: [piece, score] pairs, the id is the position
+        ids = set(range(len(vocab)))
+    else:
+        return None
+    ids |= {t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict) and type(t.get("id")) is int}
+    return len(ids)
+
+
+def check_tokenizer_files(ds) -> None:
+    """Raise FormatError naming the first tokenizer file that does not match the manifest (or asks for remote code).
+
+    Skipped when the manifest lists no tokenizer files (a hand-made dataset); `verify` requires them.
+    """
+    tok = ds.manifest["tokenizer"]
+    listed = tok.get("files")
+    if listed is None:
+        return
+    folder = f"{ds.root}/{TOKENIZER_DIR}"
+    where = f"{ds.url}/{TOKENIZER_DIR}"
+    if ds.is_local:
+        present = walk_plain(check_plain(ds.root, TOKENIZER_DIR, kind="dir"))
+    else:
+        if not ds.fs.isdir(folder):
+            _fail(where, "is missing")
+        present = sorted(p[len(folder) + 1:] for p in ds.fs.find(folder))
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        _fail(f"{where}/{extra[0]}", "is not listed in manifest.json (tokenizer.files), yet transformers would read it")
+    missing = sorted(set(listed) - set(present))
+    if missing:
+        _fail(f"{where}/{missing[0]}", "is listed in manifest.json but missing")
+    contents = {}
+    for name, meta in sorted(listed.items()):
+        path = f"{folder}/{name}"
+        size = ds.fs.size(path)
+        if size != meta["bytes"]:
+            _fail(f"{where}/{name}", f"has {size} bytes, the manifest says {meta['bytes']}")
+        h, data = hashlib.sha256(), bytearray()
+        with ds.fs.open(path, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                h.update(block)
+                if name.endswith(".json"):
+                    data += block
+        if h.hexdigest() != meta["sha256"]:
+            _fail(f"{where}/{name}", f"checksum mismatch (manifest {meta['sha256'][:12]}…, file {h.hexdigest()[:12]}…)")
+        if name.endswith(".json"):
+            try:
+                contents[name] = json.loads(bytes(data))
+            except ValueError as e:
+                _fail(f"{where}/{name}", f"is not valid JSON ({e})")
+    for name, spec in contents.items():
+        if isinstance(spec, dict) and "auto_map" in spec:
+            _fail(f"{where}/{name}", f"asks for remote code (auto_map {json.dumps(spec['auto_map'])[:80]}); distill never "
+                  "runs code that comes with a dataset")
+    spec = contents.get("tokenizer.json")
+    if spec is not None:
+        text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest != tok["sha256"]:
+            _fail(f"{where}/tokenizer.json", f"hashes to {digest[:12]}… but manifest.json's tokenizer.sha256 is {tok['sha256'][:12]}…")
+        n = tokenizer_vocab_size(spec)
+        if n is not None and tok.get("vocab_size") is not None and n != tok["vocab_size"]:
+            _fail(f"{where}/tokenizer.json", f"holds {n} token ids but manifest.json's tokenizer.vocab_size is {tok['vocab_size']}")

@@ -1,0 +1,92 @@
+"""Check a hidden-state Zarr group's metadata before zarr parses it, and give zarr a filesystem that is safe for it.
+
+zarr would follow whatever `zarr.json` says: a codec could run code, a chunk key separator like `/../` leaves the folder,
+a `storage_transformers` entry or an object dtype changes how bytes are read. So every key is checked against what the
+writer (pipeline/format/writer.py) produces: Zarr v3, float16, a regular chunk grid, allowlisted codecs. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from ..errors import FormatError
+
+# Codecs a hidden-state array may use. Anything else (e.g. a pickle-based numcodecs codec) is refused unread.
+ALLOWED_ZARR_CODECS = {"bytes", "zstd", "sharding_indexed", "crc32c", "transpose", "gzip", "blosc"}
+ARRAY_KEYS = {"zarr_format", "node_type", "shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value", "codecs",
+              "attributes", "dimension_names", "storage_transformers"}
+ZARR_V2_FILES = (".zarray", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def _fail(where: str, msg: str):
+    raise FormatError(f"{where}: {msg}; the dataset was not written by distill or was altered: do not use it")
+
+
+def check_codecs(codecs, where: str) -> None:
+    if not isinstance(codecs, list) or not codecs:
+        _fail(where, f"`codecs` is {codecs!r}, expected a non-empty list of codecs")
+    for codec in codecs:
+        name = codec.get("name") if isinstance(codec, dict) else None
+        if name not in ALLOWED_ZARR_CODECS:
+            _fail(where, f"uses zarr codec {name!r}; allowed: {', '.join(sorted(ALLOWED_ZARR_CODECS))}")
+        conf = codec.get("configuration", {})
+        if not isinstance(conf, dict):
+            _fail(where, f"codec {name!r} has configuration {conf!r}, expected an object")
+        if name == "sharding_indexed":
+            _check_shape(conf.get("chunk_shape"), where, "sharding chunk_shape")
+            check_codecs(conf.get("codecs"), where)
+            check_codecs(conf.get("index_codecs"), where)
+
+
+def _check_shape(shape, where: str, what: str, length: int = 2) -> list[int]:
+    if not isinstance(shape, list) or len(shape) != length or not all(type(x) is int and 1 <= x <= 1 << 31 for x in shape):
+        _fail(where, f"{what} is {shape!r}, expected {length} positive integers")
+    return shape
+
+
+def check_group_meta(meta, where: str) -> None:
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        _fail(where, "is not a Zarr v3 group (expected zarr_format 3, node_type 'group')")
+
+
+def check_array_meta(meta, where: str, shape: tuple[int, int]) -> None:
+    """Raise FormatError unless `meta` (a parsed zarr.json) describes a float16 (tokens, width) array as distill writes."""
+    if not isinstance(meta, dict):
+        _fail(where, f"is a JSON {type(meta).__name__}, expected an object")
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        _fail(where, f"is not a Zarr v3 array (zarr_format {meta.get('zarr_format')!r}, node_type {meta.get('node_type')!r})")
+    unknown = sorted(set(meta) - ARRAY_KEYS)
+    if unknown:
+        _fail(where, f"has keys {unknown} that format version 1 does not use")
+    if meta.get("storage_transformers"):
+        _fail(where, f"uses storage_transformers {meta['storage_transformers']!r}, which format version 1 does not allow")
+    if meta.get("data_type") != "float16":
+        _fail(where, f"has data_type {meta.get('data_type')!r}, expected 'float16'")
+    if meta.get("shape") != list(shape):
+        _fail(where, f"has shape {meta.get('shape')!r}, expected {list(shape)} (windows x seq_len, width)")
+    grid = meta.get("chunk_grid")
+    if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
+        _fail(where, f"has chunk_grid {grid!r}, expected a regular grid")
+    _check_shape(grid["configuration"].get("chunk_shape"), where, "chunk_shape")
+    keys = meta.get("chunk_key_encoding")
+    if not isinstance(keys, dict) or keys.get("name") != "default" or \
+            (keys.get("configuration") or {}).get("separator", "/") not in ("/", "."):
+        _fail(where, f"has chunk_key_encoding {keys!r}, expected the default encoding with separator '/' or '.'")
+    if type(meta.get("fill_value")) not in (int, float):
+        _fail(where, f"has fill_value {meta.get('fill_value')!r}, expected a number")
+    check_codecs(meta.get("codecs"), where)
+    names = meta.get("dimension_names")
+    if names is not None and (not isinstance(names, list) or len(names) != 2):
+        _fail(where, f"has dimension_names {names!r}, expected two names")
+
+
+def zarr_filesystem(fs):
+    """An fsspec filesystem for one zarr open: a fresh asynchronous instance.
+
+    zarr runs its I/O on its own event loop. An async filesystem (s3, gcs, http) that was created for synchronous use,
+    or already used from another loop, holds a session bound to that other loop ("attached to a different loop"), so
+    zarr gets a new instance made for it (not from fsspec's instance cache); a synchronous one (memory, local) is wrapped.
+    """
+    if fs.async_impl:
+        return type(fs)(**{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs, asynchronous=True)
