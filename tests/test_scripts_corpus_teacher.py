@@ -88,7 +88,7 @@ def test_build_corpus_splits_excludes_and_reuses(fake_stdlib, tmp_path):
 
 
 TINY = ["--vocab-size", "300", "--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
-        "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "256", "--warmup-steps", "1"]
+        "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--eval-tokens", "256", "--warmup-steps", "1"]
 
 
 def test_mixed_split_holds_the_same_documents_in_hash_order(fake_stdlib, tmp_path):
@@ -148,3 +148,64 @@ def test_make_teacher_rejects_bad_config_naming_every_problem():
     cfg = make_teacher.parse_args(["--hidden", "30", "--heads", "4", "--vocab-size", "70000"])
     with pytest.raises(ValueError, match=r"(?s)vocab-size 70000.*--hidden 30 must be divisible by --heads 4"):
         make_teacher.validate(cfg)
+
+
+def test_teacher_is_the_same_for_the_same_steps_and_the_cache_key_is_what_sets_the_weights(fake_stdlib, tmp_path, capsys):
+    make_teacher = _load("make_teacher")
+    base = ["--stdlib", str(fake_stdlib), *TINY]
+    make_teacher.main(["--cache-dir", str(tmp_path / "a"), *base])
+    first = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    # another machine (another cache): the same seeded recipe gives the same folder name and the same weights
+    make_teacher.main(["--cache-dir", str(tmp_path / "b"), *base])
+    second = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first.name == second.name
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    # what is only measured or checked afterwards is not in the key: reused
+    make_teacher.main(["--cache-dir", str(tmp_path / "a"), *base, "--eval-tokens", "128", "--min-gain", "-100"])
+    captured = capsys.readouterr()
+    assert "reusing cached teacher" in captured.err and captured.out.strip().splitlines()[-1] == str(first)
+    # more steps: another teacher; a time limit is an explicit choice and recorded in the key
+    make_teacher.main(["--cache-dir", str(tmp_path / "a"), *base, "--steps", "4"])
+    more = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    make_teacher.main(["--cache-dir", str(tmp_path / "a"), *base, "--minutes", "5"])
+    timed = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len({first, more, timed}) == 3
+    assert json.loads((timed / "teacher.json").read_text())["recipe"]["settings"]["minutes"] == 5
+    assert "minutes" not in json.loads((first / "teacher.json").read_text())["recipe"]["settings"]
+
+
+def test_teacher_problem_needs_a_clear_margin_over_the_unigram_baseline():
+    make_teacher = _load("make_teacher")
+    report = {"heldout_ce": 6.613, "unigram_ce": 6.625, "steps": 66, "recipe": {"settings": {"minutes": 7}}}
+    problem = make_teacher.teacher_problem(report, 1.0)
+    assert problem.startswith("the teacher is too weak to distill from: its held-out CE is 6.613 nats/token, 0.012 "
+                              "below the unigram baseline 6.625, but at least 1 below is expected; it was trained "
+                              "66 steps (cut at 7 min). Train it longer: TEACHER_STEPS=")
+    assert make_teacher.teacher_problem(report | {"heldout_ce": 5.625}, 1.0) is None  # exactly the margin: fine
+    assert make_teacher.teacher_problem(report | {"heldout_ce": 5.626}, 1.0) is not None
+
+
+def test_a_teacher_failing_the_check_stops_with_one_line_and_exit_2(fake_stdlib, tmp_path, capsys):
+    make_teacher = _load("make_teacher")
+    args = ["--cache-dir", str(tmp_path / "cache"), "--stdlib", str(fake_stdlib), *TINY, "--min-gain", "50"]
+    with pytest.raises(SystemExit) as e:
+        make_teacher.main(args)
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == ""  # no folder printed: a shell script gets nothing to use
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("error: the teacher is too weak to distill from:") and "Traceback" not in captured.err
+    assert "at least 50 below is expected; it was trained 3 steps" in last
+    with pytest.raises(SystemExit):  # the cached teacher is checked too
+        make_teacher.main(args)
+    assert "reusing cached teacher" in capsys.readouterr().err
+
+
+def test_kd_verdict_claims_an_effect_only_beyond_twice_the_seed_deviation():
+    bench_train = _load("bench_train")
+    assert bench_train.kd_verdict(5.30, 5.50, 0.02).startswith(
+        "KD helped: held-out CE -0.2000 nats/token (-3.64%) against CE-only, more than twice the seed-to-seed "
+        "standard deviation of 0.0200")
+    assert bench_train.kd_verdict(5.60, 5.50, 0.02).startswith("KD hurt: held-out CE +0.1000")
+    within = bench_train.kd_verdict(5.47, 5.50, 0.02)
+    assert within.startswith("No measurable effect of KD: held-out CE -0.0300") and within.endswith("it is noise.")
+    assert "yours differ" in bench_train.kd_verdict(5.47, 5.50, 0.02, measured_settings=False)
