@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, describe
 
 # Extensions read as datasets (rows of a text column); any other file in a folder is one document.
 DATA_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -52,12 +52,13 @@ def list_data_files(paths: list[str]) -> list[Path]:
 def corpus_fingerprint(files: list[Path]) -> str:
     """Identity of the input files: name, size, and the sha256 of their first and last 64 KiB.
 
-    Cheap for a terabyte corpus, yet catches a changed or swapped file in nearly every case.
+    Cheap for a terabyte corpus, yet catches a changed or swapped file in nearly every case. Names are resolved real
+    paths, so the same corpus typed relative, absolute or from another working directory has one fingerprint.
     """
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
-        h.update(f"{f.as_posix()}\0{size}\0".encode())
+        h.update(f"{os.path.realpath(f)}\0{size}\0".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(FINGERPRINT_BYTES))
             if size > FINGERPRINT_BYTES:
@@ -76,7 +77,7 @@ def _dataset_rows(path: Path, text_column: str) -> Iterator[str]:
         it = iter(ds)
         first = next(it, None)
     except Exception as e:  # datasets wraps parse errors in many types; the message is what the user needs
-        raise UserError(f"--data {path}: cannot read it as {builder} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"--data {path}: cannot read it as {builder} ({describe(e)})")
     if first is None:
         return
     column = "text" if builder == "text" else text_column

@@ -20,6 +20,8 @@ import numpy as np
 from .config import PrecomputeConfig
 from .errors import UserError
 from .background_writer import BackgroundWriter
+from .identity import path_identity
+from .outdir import lock_folder, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name, token_dtype, window_schema, write_json_atomic
 from .format.bitpack import bits_for
 from .format.files import list_files, remove_temp_files, sha256_file
@@ -29,12 +31,32 @@ TOOL_VERSION = "0.1.0"
 # Capture settings that change shard bytes: a resumed run must match them.
 SETTINGS_FROM_CAPTURE = ("targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "logprob_bits", "compression",
                          "hidden_layers", "batch_size", "shard_size")
+# Settings recorded for people, not compared on resume: the same teacher typed as another path is the same teacher
+# (`teacher_identity`, a hash of its files, is compared instead).
+NOT_COMPARED = ("teacher",)
 # Per-position fidelity figures averaged over valid positions, per shard and overall (docs/FORMAT.md).
 STATS = ("topk_mass", "recon_kl", "sample_unique", "sample_mass", "sample_rkl")
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:
-    """Run the capture described by `cfg`; return the manifest (or this rank's summary when other ranks are still busy)."""
+    """Run the capture described by `cfg`; return the manifest (or this rank's summary when other ranks are still busy).
+
+    The output folder is locked for the whole run (shared by the ranks of one capture, exclusive otherwise)."""
+    cfg.resolve()
+    out = Path(cfg.out)
+    created = not out.exists() and not out.is_symlink()
+    make_out_folder(out)
+    hint = "" if cfg.world_size > 1 else "; processes of one capture each pass --rank and --world-size"
+    lock = lock_folder(out, shared=cfg.world_size > 1, hint=hint)
+    try:
+        return _precompute(cfg, out, lock)
+    finally:
+        unlock_folder(lock)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty folder behind
+
+
+def _precompute(cfg: PrecomputeConfig, out: Path, lock: int) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -42,8 +64,10 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     from .teacher import load_teacher, load_tokenizer, resolve_device, resolve_dtype, teacher_record
     from .tokenizer_id import tokenizer_record
 
-    cfg.resolve()
-    out = Path(cfg.out)
+    if not cfg.progress:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # the "Loading weights" bar too
     # --- inputs: corpus files, tokenizer, teacher -------------------------------------------------------------------
     files = list_data_files(cfg.data)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", cfg.rank)))
@@ -58,6 +82,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     settings = {
         "format_version": FORMAT_VERSION,
         "teacher": teacher["name_or_path"],
+        "teacher_identity": path_identity(cfg.teacher, teacher["revision"]),
         "teacher_config_sha256": teacher["config_sha256"],
         "teacher_dtype": teacher["dtype"],
         "tokenizer_sha256": tokenizer_record(tokenizer)["sha256"],
@@ -70,8 +95,11 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     widths = {layer: teacher["hidden_size"] for layer in layers}
     spec = capture_spec(cfg, vocab, tok_dtype, layers, widths)
     settings |= {k: spec[k] for k in SETTINGS_FROM_CAPTURE if k in spec}
-    existing = prepare_output(out, settings, cfg.rank, cfg.world_size)
+    exclusive = cfg.world_size == 1
+    existing = prepare_output(out, settings, cfg.rank, cfg.world_size, exclusive)
     if existing is not None:
+        if not exclusive and try_exclusive(lock):  # no other rank left: this one may remove leftovers
+            clean_finished(out)
         print(f"{out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
         return existing
     progress_dir = out / PROGRESS_DIR
@@ -146,6 +174,8 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, spec, records, sessions, out)
     write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(progress_dir, ignore_errors=True)
+    if exclusive or try_exclusive(lock):
+        clean_finished(out)
     return manifest
 
 
@@ -239,32 +269,46 @@ def check_model_settings(cfg: PrecomputeConfig, config, teacher: dict) -> list[i
     return sorted(layers)
 
 
-def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1) -> dict | None:
+def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1, exclusive: bool = True) -> dict | None:
     """Create or resume the output folder. Returns the manifest when the dataset is already complete.
 
-    Refuses a folder holding something else, or a capture made with other settings (naming each that differs).
+    Refuses a folder holding something else, a symlink or special file, or a capture made with other settings (naming
+    each that differs). A folder holding only what a run killed before recording its settings leaves is reused.
+    `exclusive`: this process is the only writer (holds the exclusive lock), so leftovers of killed runs are removed.
     """
     manifest_path, progress = out / MANIFEST, out / PROGRESS_DIR
+    refuse_links(out)  # never write through a link (e.g. `shards` pointing elsewhere)
     previous = None
     if manifest_path.exists():
         try:
             previous = json.loads(manifest_path.read_text())
         except ValueError:
             raise UserError(f"--out {out}: its {MANIFEST} is not valid JSON; choose another --out folder")
-        old = previous.get("settings", {})
+        old = previous.get("settings", {}) if isinstance(previous, dict) else None
+        if not isinstance(old, dict):
+            raise UserError(f"--out {out}: its {MANIFEST} is not a distill manifest; choose another --out folder")
     elif (progress / "settings.json").exists():
-        old = json.loads((progress / "settings.json").read_text())
-    elif out.exists() and any(out.iterdir()):
+        try:
+            old = json.loads((progress / "settings.json").read_text())
+        except ValueError:
+            raise UserError(f"--out {out}: {PROGRESS_DIR}/settings.json is not valid JSON; delete the folder's contents or "
+                            "choose another --out")
+    elif any(out.iterdir()) and not only_leftovers(out, (PROGRESS_DIR, SHARDS_DIR)):
         raise UserError(f"--out {out} is not empty and holds no distill dataset; choose an empty or new folder")
     else:
         old = None
     if old is not None:
-        differ = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        # keys an older capture did not record are not compared; typed names are recorded, identities compared
+        differ = [k for k in sorted(set(old) | set(settings)) if k in old and k not in NOT_COMPARED and old.get(k) != settings.get(k)]
         if differ:
             detail = ", ".join(f"{k}: {old.get(k)!r} → {settings.get(k)!r}" for k in differ)
             raise UserError(f"--out {out} holds a capture made with other settings ({detail}); rerun with the same settings or choose another --out")
         if previous is not None:
+            if exclusive:
+                clean_finished(out)
             return previous
+    if exclusive:
+        remove_leftovers(out, (PROGRESS_DIR, SHARDS_DIR))
     progress.mkdir(parents=True, exist_ok=True)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     mine = lambda name: name[:SHARD_NAME_DIGITS].isdigit() and int(name[:SHARD_NAME_DIGITS]) % world_size == rank  # noqa: E731
@@ -272,6 +316,13 @@ def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1
     if not (progress / "settings.json").exists():
         write_json_atomic(progress / "settings.json", settings)
     return None
+
+
+def clean_finished(out: Path) -> None:
+    """A finished dataset keeps only what its manifest names: `_progress/` and temp leftovers of killed runs go
+    (docs/FORMAT.md). Only for the sole writer of the folder."""
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+    remove_leftovers(out, (SHARDS_DIR,))
 
 
 def save_tokenizer(tokenizer, out: Path) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .causal import require_causal_lm
+from .errors import UserError, describe
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -50,7 +51,7 @@ def load_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"--teacher {name}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"--teacher {name}: cannot load its tokenizer ({describe(e)})")
     if tok.eos_token_id is None:
         raise UserError(f"--teacher {name}: its tokenizer has no EOS token, needed between documents; set eos_token in its tokenizer_config.json")
     return tok
@@ -63,7 +64,8 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"--teacher {name}: cannot load its config ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"--teacher {name}: cannot load its config ({describe(e)})")
+    require_causal_lm(config, f"--teacher {name}")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -72,9 +74,9 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
                 f"--teacher {name}: a {type(config).__name__} ({config.model_type}) is not a causal language model; "
                 "pass a model that AutoModelForCausalLM can load"
             )
-        raise UserError(f"--teacher {name}: cannot load the model ({str(e).splitlines()[0][:200]})")
+        raise UserError(f"--teacher {name}: cannot load the model ({describe(e)})")
     except OSError as e:
-        raise UserError(f"--teacher {name}: cannot load the model weights ({str(e).splitlines()[0][:200]})")
+        raise UserError(f"--teacher {name}: cannot load the model weights ({describe(e)})")
     return model.to(device).eval()
 
 

@@ -20,7 +20,7 @@ def load_online_teacher(path: str, ds: Dataset, device: torch.device, amp_dtype:
                         trust_remote_code: bool = False):
     """The teacher in eval mode with frozen weights (in the compute dtype: it is never trained), and the reasons it
     cannot stand in for the dataset's teacher."""
-    teacher = load_pretrained(path, trust_remote_code, dtype=amp_dtype or torch.float32)
+    teacher = load_pretrained(path, trust_remote_code, dtype=amp_dtype or torch.float32, what=f"--online-teacher {path}")
     problems = compatibility_problems(teacher, load_tokenizer(path, trust_remote_code), ds, what="online teacher")
     teacher.to(device).eval().requires_grad_(False)
     return teacher, problems

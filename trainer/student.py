@@ -15,7 +15,8 @@ import tempfile
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.causal import require_causal_lm
+from pipeline.errors import UserError, describe
 from pipeline.format.reader import Dataset
 from pipeline.teacher import max_positions
 from pipeline.tokenizer_id import tokenizer_sha256
@@ -39,8 +40,9 @@ def load_student(cfg: TrainConfig, ds: Dataset):
                 raw = json.load(f)
             config = AutoConfig.from_pretrained(cfg.student_config, trust_remote_code=cfg.trust_remote_code)
         except (ValueError, OSError) as e:
-            raise UserError(f"--student-config {cfg.student_config} is not a usable model config ({' '.join(str(e).split())[:200]}); "
+            raise UserError(f"--student-config {cfg.student_config} is not a usable model config ({describe(e)}); "
                             "pass a config.json with a model_type, as save_pretrained writes it")
+        require_causal_lm(config, f"--student-config {cfg.student_config}")
         tok = ds.manifest["tokenizer"]
         if "vocab_size" not in raw:  # a config written for this dataset need not repeat its vocabulary
             config.vocab_size = ds.vocab_size
@@ -50,16 +52,32 @@ def load_student(cfg: TrainConfig, ds: Dataset):
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
         return model, None
-    return load_pretrained(cfg.student, cfg.trust_remote_code), load_tokenizer(cfg.student, cfg.trust_remote_code)
+    return (load_pretrained(cfg.student, cfg.trust_remote_code, what=f"--student {cfg.student}"),
+            load_tokenizer(cfg.student, cfg.trust_remote_code))
 
 
-def load_pretrained(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
+def looks_local(path: str) -> bool:
+    """A path the user meant as a folder on this machine (not a hub id such as `org/name`)."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
 
+
+def load_pretrained(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, what: str | None = None):
+    """A causal LM from a folder or hub id; one UserError naming `what` when it is missing, unloadable or not causal."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    what = what or f"model {path}"
+    if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        found = "is a file, not a model folder" if os.path.exists(os.path.expanduser(path)) else "no such folder"
+        raise UserError(f"{what}: {found}; pass a model folder (with config.json) or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{what}: cannot load its config ({describe(e, 300)}); pass a model folder or hub id")
+    require_causal_lm(config, what)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {path!r} ({' '.join(str(e).split())[:300]}); pass a model folder or hub id")
+        raise UserError(f"{what}: cannot load the model ({describe(e, 300)}); pass a model folder or hub id")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.format import open_dataset, write_json_atomic
+from pipeline.outdir import unlock_folder
 
 from . import losses
 from .checkpoint import (CHECKPOINTS, checkpoint_dir, list_checkpoints, load_state, rng_state, save_checkpoint,
@@ -31,6 +33,7 @@ from .distributed import (all_gather_objects, all_reduce_sum, barrier, broadcast
                           init_distributed, resolve_device_dtype)
 from .evaluate import evaluate_batches, finish_metrics, metric_sums
 from .online import load_online_teacher, online_teacher_logits
+from .run_folder import prune_checkpoints, run_identities, saved_with_same_paths, take_run_folder
 from .student import (DistillStep, compatibility_problems, dataset_tokenizer, fused_blocker, load_pretrained, load_student,
                       load_tokenizer, resolve_layer_map)
 
@@ -49,6 +52,8 @@ def train(cfg: TrainConfig) -> dict:
     ds = open_dataset(cfg.data)
     eval_ds = open_dataset(cfg.eval_data) if cfg.eval_data else None
     out = Path(cfg.out)
+    lock, problems = take_run_folder(out) if rank == 0 else (None, [])  # one writer; no symlinks; leftovers removed
+    broadcast_error(problems)
     ckpt = resume_point(out, cfg, ds)
     if ckpt is not None:  # the checkpoint is a complete model folder; the tokenizer is still the original student's
         model, tokenizer = load_pretrained(str(ckpt), cfg.trust_remote_code), None
@@ -196,6 +201,8 @@ def train(cfg: TrainConfig) -> dict:
         })
     barrier()
     close_distributed()
+    if lock is not None:
+        unlock_folder(lock)
     return final
 
 
@@ -227,7 +234,7 @@ def resume_point(out: Path, cfg: TrainConfig, ds) -> Path | None:
     if saved.get("dataset", {}).get("manifest_sha256", ds.manifest_sha256) != ds.manifest_sha256:
         raise UserError(f"--out {out} holds a run on another dataset ({saved['dataset'].get('url')}); pass that --data, "
                         "or choose a new --out")
-    diff = trajectory_diff(saved.get("config", {}), cfg)
+    diff = trajectory_diff(saved_with_same_paths(saved, cfg), cfg)  # paths compared by what they name
     if diff:
         raise UserError(f"--resume with changed settings ({', '.join(diff)}); pass the settings recorded in "
                         f"{out / TRAIN_CONFIG}, or choose a new --out")
@@ -287,16 +294,27 @@ def forget_abandoned(out: Path, cfg: TrainConfig, step: int) -> None:
 
 
 def start_run_folder(out: Path, cfg: TrainConfig, ds, step: int) -> None:
-    """Record the config and dataset (first start) and drop metrics lines past the step being resumed from."""
+    """Record the config, dataset and what its paths name (first start), drop metrics lines past the step being resumed
+    from, and delete checkpoints beyond --keep-last that a killed run left."""
     out.mkdir(parents=True, exist_ok=True)
     if not (out / TRAIN_CONFIG).exists():
-        write_json_atomic(out / TRAIN_CONFIG, {"config": asdict(cfg), "dataset": dataset_identity(ds)})
+        write_json_atomic(out / TRAIN_CONFIG, {"config": asdict(cfg), "dataset": dataset_identity(ds),
+                                               "identities": run_identities(cfg)})
     path = out / METRICS
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
+    prune_checkpoints(out, cfg.keep_last, step)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank line or one cut short by a kill mid-append."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def dataset_identity(ds) -> dict:
