@@ -79,30 +79,30 @@ def summary(ds) -> dict:
     return {
         "path": ds.url,
         "format": f"{m['format']} v{m['format_version']}",
-        "teacher": m["teacher"]["name_or_path"],
+        "teacher": m["teacher"].get("name_or_path"),
         "teacher_type": m["teacher"].get("model_type"),
         "teacher_dtype": m["teacher"].get("dtype"),
         "teacher_parameters": m["teacher"].get("parameters"),
-        "tokenizer_vocab_size": m["tokenizer"]["vocab_size"],
+        "tokenizer_vocab_size": m["tokenizer"].get("vocab_size"),
         "tokenizer_sha256": m["tokenizer"]["sha256"],
         "vocab_size": m["teacher"]["vocab_size"],
         "seq_len": m["corpus"]["seq_len"],
-        "documents": m["corpus"]["documents"],
-        "tokens": t["tokens"],
-        "valid_tokens": t["valid_tokens"],
+        "documents": m["corpus"].get("documents"),
+        "tokens": t.get("tokens"),
+        "valid_tokens": t.get("valid_tokens"),
         "windows": t["windows"],
         "shards": t["shards"],
         "targets": cap.get("targets"),
-        "top_k": cap["top_k"],
+        "top_k": cap.get("top_k"),
         "samples": cap.get("samples"),
         "sample_temperature": cap.get("sample_temperature"),
         "encoding": cap.get("encoding", "exact"),
         "compression": cap.get("compression", "none"),
-        "hidden_layers": [x["index"] for x in cap["hidden_layers"]],
-        "bytes": t["bytes"],
-        "bytes_per_token": t["bytes_per_token"],
+        "hidden_layers": [x["index"] for x in cap.get("hidden_layers", [])],
+        "bytes": t.get("bytes"),
+        "bytes_per_token": t.get("bytes_per_token"),
         **{k: v for k, v in t.items() if k.endswith("_mean")},
-        "created_by": m["created_by"],
+        "created_by": m.get("created_by") or {},
     }
 
 
@@ -114,14 +114,17 @@ def inspect(path, as_json):
 
     def go():
         from .format import open_dataset
+        from .format.verify import check_structure
 
-        s = summary(open_dataset(path))
+        ds = open_dataset(path)
+        check_structure(ds)  # cheap: no rows are read (`verify` reads them)
+        s = summary(ds)
         if as_json:
             click.echo(json.dumps(s, indent=2))
             return
         for key, value in s.items():
             if key == "created_by":
-                value = " ".join(value.get("command") or []) or value.get("tool")
+                value = " ".join(str(x) for x in value.get("command") or []) or value.get("tool")
             elif isinstance(value, float):
                 value = f"{value:.4g}"
             click.echo(f"{key:22s} {value}")

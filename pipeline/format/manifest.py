@@ -61,6 +61,14 @@ class _Checker:
             self.fail(f"`{path}` is {_show(value)}, expected an integer in [{lo}, {hi}]")
         return value
 
+    def relpath(self, rel, what: str) -> str:
+        if not isinstance(rel, str):
+            self.fail(f"names {what} {_show(rel)}, expected a string")
+        try:
+            return safe_relpath(rel, what)
+        except FormatError as e:
+            raise FormatError(f"{self.where}: {e}")
+
     def equal(self, found, expected, path: str, why: str) -> None:
         if found != expected:
             self.fail(f"`{path}` is {_show(found)} but {why} gives {_show(expected)}")
@@ -85,6 +93,10 @@ def check_manifest(m, where: str = "manifest.json") -> None:
         raise FormatError(f"{where}: dataset format version {version} is newer than this distill understands "
                           f"({FORMAT_VERSION}); upgrade offline-distill")
     teacher, tok, corpus, cap = (c.section(m, k) for k in ("teacher", "tokenizer", "corpus", "capture"))
+    if "created_by" in m:
+        made = c.section(m, "created_by")
+        if not isinstance(made.get("command", []), (list, type(None))) or not isinstance(made.get("sessions", []), list):
+            c.fail(f"`created_by` is {_show(made)}, expected tool, version, command (a list) and sessions (a list)")
     vocab = c.int_(teacher, "vocab_size", 1, MAX_VOCAB, "teacher.vocab_size")
     T = c.int_(corpus, "seq_len", 1, MAX_SEQ_LEN, "corpus.seq_len")
     _check_teacher(c, teacher, T)
@@ -132,7 +144,7 @@ def _check_tokenizer(c: _Checker, tok: dict, vocab: int) -> None:
     if not isinstance(files, dict) or not files:
         c.fail(f"`tokenizer.files` is {_show(files)}, expected an object of file name -> sha256 and bytes")
     for name, meta in files.items():
-        safe_relpath(name, "tokenizer file")
+        c.relpath(name, "tokenizer file")
         _check_file_meta(c, meta, f"tokenizer.files[{name!r}]")
 
 
@@ -216,7 +228,7 @@ def _check_shards(c: _Checker, shards, cap: dict, T: int, spec: dict, vocab: int
         name = r.get("name")
         if not isinstance(name, str):
             c.fail(f"`{where}.name` is {_show(name)} (a {type(name).__name__}), expected the string {shard_name(i)!r}")
-        safe_relpath(name, "shard")
+        c.relpath(name, "shard")
         c.equal(name, shard_name(i), f"{where}.name", f"its position {i} in `shards`")
         limit = size if isinstance(size, int) else MAX_WINDOWS
         if i < len(shards) - 1 and isinstance(size, int) and r.get("windows") != size:
@@ -231,7 +243,7 @@ def _check_shards(c: _Checker, shards, cap: dict, T: int, spec: dict, vocab: int
         if arrow not in files:
             c.fail(f"`{where}.files` does not list {arrow}")
         for rel, meta in files.items():
-            safe_relpath(rel, "shard file")
+            c.relpath(rel, "shard file")
             if rel != arrow and not (hidden and rel.startswith(f"{name}.zarr/")):
                 c.fail(f"`{where}.files` lists {rel!r}, which is not a file of shard {name}"
                        + ("" if hidden else " (the dataset stores no hidden states)"))

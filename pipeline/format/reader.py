@@ -66,26 +66,43 @@ class Shard:
                               "or damaged: re-copy the dataset or rerun precompute")
         return path
 
-    @cached_property
-    def table(self) -> pa.Table:
+    def _open_stream(self, header_only: bool = False):
+        """The shard's Arrow stream reader, after checking the file (type, size) and its schema against the manifest."""
         rel = f"{self.name}.arrow"
         path = self.check_file(rel)
         try:
             if self.dataset.is_local:
                 source = pa.memory_map(path, "r")
+            elif header_only:
+                source = self.dataset.fs.open(path, "rb")
             else:
                 with self.dataset.fs.open(path, "rb") as f:
                     source = pa.BufferReader(f.read())
             reader = pa.ipc.open_stream(source)
-            found = schema_description(reader.schema)
-            expected = self.dataset.manifest["schema"]
-            if found != expected:  # checked before reading any row: the manifest's sizes are the ones already checked
-                diff = sorted(set(found.items()) ^ set(expected.items()))[:4]
-                raise FormatError(f"{self.where(rel)}: columns differ from the manifest schema: {diff}")
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"{self.where(rel)}: cannot read it as an Arrow stream ({' '.join(str(e).split())[:200]}); "
+                              "the file was altered or damaged: re-copy the dataset")
+        found = schema_description(reader.schema)
+        expected = self.dataset.manifest["schema"]
+        if found != expected:  # checked before reading any row
+            diff = sorted(set(found.items()) ^ set(expected.items()))[:4]
+            raise FormatError(f"{self.where(rel)}: columns differ from the manifest schema (differences: {diff}); the "
+                              "dataset was not written by distill or was altered: do not use it")
+        return reader
+
+    def check_schema(self) -> None:
+        """Check the Arrow file's type, size and schema without reading its rows (what `inspect` does per shard)."""
+        self._open_stream(header_only=True)
+
+    @cached_property
+    def table(self) -> pa.Table:
+        rel = f"{self.name}.arrow"
+        reader = self._open_stream()
+        try:
             table = reader.read_all()
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"{self.where(rel)}: cannot read it as an Arrow stream ({' '.join(str(e).split())[:200]}); "
-                              "run `distill verify` on the dataset")
+                              "the file was altered or damaged: re-copy the dataset")
         if table.num_rows != self.windows:
             raise FormatError(f"{self.where(rel)}: holds {table.num_rows} windows but the manifest says {self.windows}")
         return table
