@@ -107,7 +107,12 @@ def eval_command(as_json, **values):
     def run():
         from .evaluate import evaluate
 
-        metrics = evaluate(EvalConfig(**values))
+        cfg = EvalConfig(**values)
+        bad = [f"--{k.replace('_', '-')} is {getattr(cfg, k)}; expected a positive integer"
+               for k in ("batch_size", "max_batches", "chunk_size") if getattr(cfg, k) is not None and getattr(cfg, k) < 1]
+        if bad:
+            raise UserError("; ".join(bad))
+        metrics = evaluate(cfg)
         if as_json:
             click.echo(json.dumps(metrics))
             return

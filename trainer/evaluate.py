@@ -144,7 +144,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     ds = open_dataset(cfg.data)
     device, amp_dtype = resolve_device_dtype(cfg.device, cfg.dtype, local_rank=0)
-    model = load_pretrained(cfg.student, cfg.trust_remote_code)
+    model = load_pretrained(cfg.student, cfg.trust_remote_code, what=f"--student {cfg.student}")
     problems = compatibility_problems(model, load_tokenizer(cfg.student, cfg.trust_remote_code), ds)
     if problems:
         raise UserError("; ".join(problems))
