@@ -234,8 +234,6 @@ def _check_shards(c: _Checker, shards, cap: dict, T: int, spec: dict, vocab: int
         if i < len(shards) - 1 and isinstance(size, int) and r.get("windows") != size:
             c.fail(f"`{where}.windows` is {_show(r.get('windows'))}, expected `capture.shard_size` {size} (only the last shard may be shorter)")
         n = c.int_(r, "windows", 1, limit, f"{where}.windows")
-        c.int_(r, "tokens", n * T, n * T, f"{where}.tokens", required=False)
-        c.int_(r, "valid_tokens", 0, n * T, f"{where}.valid_tokens", required=False)
         files = r.get("files")
         if not isinstance(files, dict):
             c.fail(f"`{where}.files` is {_show(files)}, expected an object of file -> sha256 and bytes")
@@ -257,6 +255,8 @@ def _check_shards(c: _Checker, shards, cap: dict, T: int, spec: dict, vocab: int
         if files[arrow]["bytes"] * ratio < need:
             c.fail(f"`{where}.windows` is {n}, but {arrow} has {files[arrow]['bytes']} bytes, too few for {n} windows "
                    f"of {T} tokens (at least {-(-need // ratio)})")
+        c.int_(r, "tokens", n * T, n * T, f"{where}.tokens", required=False)
+        c.int_(r, "valid_tokens", 0, n * T, f"{where}.valid_tokens", required=False)
 
 
 def _check_totals(c: _Checker, m: dict, corpus: dict, T: int) -> None:

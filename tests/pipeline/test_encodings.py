@@ -123,3 +123,45 @@ def test_resume_with_sampling_is_byte_identical(tmp_path, teacher_dir, corpus_di
     files = lambda root: {p.name: p.read_bytes() for p in sorted((root / "shards").iterdir())}  # noqa: E731
     assert files(out) == files(tmp_path / "ref")
     assert json.loads((out / "manifest.json").read_text())["capture"]["targets"] == ["topk", "sampled"]
+
+
+def test_verify_accepts_every_real_kind_of_dataset(pair, tmp_path, teacher_dir, corpus_dir):
+    """verify's value checks hold on real captures of each kind (no false alarm): both target kinds in both encodings,
+    sampling at a temperature (importance weights), zstd."""
+    exact, compact, _, _ = pair
+    verify_dataset(exact)
+    verify_dataset(compact)
+    capture(teacher_dir, corpus_dir, tmp_path / "tempered", targets="sampled", sample_temperature=1.5, encoding="compact")
+    verify_dataset(tmp_path / "tempered")
+    capture(teacher_dir, corpus_dir, tmp_path / "z", compression="zstd", hidden_layers=[-1])
+    verify_dataset(tmp_path / "z")
+
+
+def test_verify_catches_a_crafted_compact_blob(pair, tmp_path):
+    """A compact top-k blob one byte short, re-signed so the checksums match, is named by verify."""
+    import hashlib
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline.errors import FormatError
+
+    ds = tmp_path / "ds"
+    shutil.copytree(pair[1], ds)
+    path = ds / "shards" / "00000.arrow"
+    table = pa.ipc.open_stream(pa.BufferReader(path.read_bytes())).read_all()
+    i = table.schema.get_field_index("topk_ids_packed")
+    blobs = table.column(i).to_pylist()
+    blobs[1] = blobs[1][:-1]
+    table = table.set_column(i, table.schema.field(i), pa.array(blobs, pa.binary()))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    m = json.loads((ds / "manifest.json").read_text())
+    data = path.read_bytes()
+    m["shards"][0]["files"]["00000.arrow"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    m["shards"][0]["bytes"] = sum(f["bytes"] for f in m["shards"][0]["files"].values())
+    m["totals"]["bytes"] = sum(r["bytes"] for r in m["shards"])
+    m["totals"]["bytes_per_token"] = m["totals"]["bytes"] / m["totals"]["valid_tokens"]
+    (ds / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match=r"00000.arrow: column topk_ids_packed: window 1 holds \d+ bytes, expected"):
+        verify_dataset(ds)

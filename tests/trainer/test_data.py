@@ -152,3 +152,105 @@ def test_dataset_copy_is_independent(fake_dataset, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
     assert stream(WindowReader(copy, 4, seed=9), 5) == stream(WindowReader(path, 4, seed=9), 5)
+
+
+# --- damaged or crafted datasets: refused before any of their data is used (issues 9 R3 and 14) ----------------------
+
+
+def crafted_copy(dataset_dir, tmp_path, change=None, shard="00001"):
+    """A copy of the real precomputed dataset with one shard's column changed and the manifest re-signed."""
+    from tests.pipeline.test_crafted_datasets import rewrite_shard
+
+    copy = tmp_path / "crafted"
+    shutil.copytree(dataset_dir, copy)
+    if change is not None:
+        rewrite_shard(change, shard)(copy)
+    return copy
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("topk_logprobs", np.nan, r"topk_logprobs: NaN at window 3, position 2"),
+    ("topk_logprobs", 0.25, r"topk_logprobs: log-prob 0.25 > 0 at window 3, position 2"),
+    ("labels", 320, r"labels: token id 320 at window 3, position 2 is outside the vocabulary of 320"),
+    ("input_ids", 5000, r"input_ids: token id 5000"),
+])
+def test_impossible_values_stop_the_reader_before_their_shard_is_used(dataset_dir, tmp_path, column, value, message):
+    """NaN or positive log-probs would silently zero or corrupt the KD term, ids >= vocab crash the embedding: the
+    shard is refused when first opened, and no batch of it is ever handed out."""
+    from tests.pipeline.test_crafted_datasets import replace_column, set_at
+
+    index = (3, 2, 0) if column.startswith("topk") else (3, 2)
+    copy = crafted_copy(dataset_dir, tmp_path, replace_column(column, set_at(index, value)))
+    reader = WindowReader(copy, 4, shuffle=False, epochs=1)
+    seen = []
+    with pytest.raises(FormatError, match=rf"shards/00001.arrow: column {message}"):
+        for batch in make_loader(reader, 0):
+            seen += check_batch(batch)["window_index"].tolist()
+    assert seen == list(range(16))  # shard 0 only: nothing of shard 1 was used
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_flipped_tokenizer_byte_stops_train_before_step_1(dataset_dir, tmp_path, student_config, name):
+    copy = crafted_copy(dataset_dir, tmp_path)
+    data = bytearray((copy / "tokenizer" / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "tokenizer" / name).write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=rf"tokenizer/{name}: checksum mismatch"):
+        WindowReader(copy, 4)
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--data", str(copy), "--student-config", str(student_config), "--out", str(out),
+                                  "--steps", "2", "--batch-size", "4", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    lines = [line for line in r.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"tokenizer/{name}" in lines[0], r.output
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("windows", [-3, 0, 10**12])
+def test_absurd_window_counts_are_refused_before_allocating(fake_dataset, windows):
+    path = fake_dataset([4, 4])
+    m = json.loads((path / "manifest.json").read_text())
+    m["shards"][1]["windows"] = windows
+    m["totals"]["windows"] = 4 + windows
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match=rf"manifest.json: `shards\[1\].windows` is {windows}"):
+        WindowReader(path, 4)
+
+
+def test_a_symlinked_shard_is_refused(fake_dataset, tmp_path):
+    import os
+
+    path = fake_dataset([4, 4])
+    outside = tmp_path / "outside.arrow"
+    shutil.move(path / "shards" / "00001.arrow", outside)
+    os.symlink(outside, path / "shards" / "00001.arrow")
+    reader = WindowReader(path, 4, shuffle=False, epochs=1)
+    with pytest.raises(FormatError, match=r"00001.arrow is a symlink"):
+        stream(reader, 2)
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_hidden_states_from_an_fsspec_url(dataset_dir, scheme):
+    """Hidden states through an fsspec URL read like local ones: zarr gets a filesystem made for its own event loop
+    (issue 16: an async filesystem used from another loop failed with "attached to a different loop")."""
+    local = WindowReader(dataset_dir, 4, seed=2, hidden_layers=(1, 2))
+    if scheme == "memory":
+        fs = fsspec.filesystem("memory")
+        fs.put(str(dataset_dir), "/hidden-url-test", recursive=True)
+        url = "memory:///hidden-url-test"
+    else:
+        url = f"file://{dataset_dir}"
+    try:
+        a, b = iter(make_loader(local, 0)), iter(make_loader(WindowReader(url, 4, seed=2, hidden_layers=(1, 2)), 0))
+        for _ in range(5):  # crosses shards
+            x, y = check_batch(next(a)), check_batch(next(b))
+            assert torch.equal(x["input_ids"], y["input_ids"])
+            for layer in (1, 2):
+                assert torch.equal(x["hidden"][layer], y["hidden"][layer])
+    finally:
+        if scheme == "memory":
+            fsspec.filesystem("memory").rm("/hidden-url-test", recursive=True)
