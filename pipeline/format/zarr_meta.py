@@ -86,7 +86,7 @@ def zarr_filesystem(fs):
     zarr gets a new instance made for it (not from fsspec's instance cache); a synchronous one (memory, local) is wrapped.
     """
     if fs.async_impl:
-        return type(fs)(**{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
+        return type(fs)(*fs.storage_args, **{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
     return AsyncFileSystemWrapper(fs, asynchronous=True)
