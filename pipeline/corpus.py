@@ -71,6 +71,8 @@ def _dataset_rows(path: Path, text_column: str) -> Iterator[str]:
     import datasets
 
     builder = DATA_BUILDERS[path.suffix.lower()]
+    if path.stat().st_size == 0:  # no rows; `datasets` fails on it with an exception whose message is empty
+        return
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)

@@ -51,8 +51,9 @@ def os_problem(e: BaseException) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _OS_FIXES:
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            return f"cannot write or read{where}: {_OS_FIXES[e.errno]}"
+            where = f" {e.filename}" if getattr(e, "filename", None) else ""
+            verb = "write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) else "access"
+            return f"cannot {verb}{where}: {_OS_FIXES[e.errno]}"
         try:
             text = str(e).lower()
         except Exception:

@@ -217,7 +217,7 @@ def test_zero_byte_jsonl(tmp_path, teacher_dir):
     data.write_bytes(b"")
     r = subprocess.run(cli(*base(teacher_dir, data, tmp_path / "o")), env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    one_error_line(r.stderr, r"empty\.jsonl")
+    one_error_line(r.stderr, r"corpus is empty")
 
 
 def test_describe_never_raises():
