@@ -151,6 +151,25 @@ def test_folder_killed_before_settings_json_is_reused(tmp_path, teacher_dir, cor
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
+def test_sigkill_as_soon_as_progress_appears_then_rerun(tmp_path, teacher_dir, corpus_dir):
+    """A real process killed at the first sight of _progress/ (in or just after the settings.json window)."""
+    out = tmp_path / "out"
+    args = base(teacher_dir, corpus_dir, out, "--device", "cpu")
+    proc = subprocess.Popen(cli(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "_progress").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no _progress/ within 120 s"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(cli(*args), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "manifest.json").exists() and not (out / "_progress").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
 def test_a_foreign_file_still_makes_the_folder_refused(tmp_path, teacher_dir, corpus_dir):
     out = tmp_path / "out"
     (out / "_progress").mkdir(parents=True)

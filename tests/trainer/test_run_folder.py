@@ -112,6 +112,24 @@ def test_run_folder_killed_before_its_config_is_reused(run_train, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["config"]["steps"] == 2
 
 
+@pytest.mark.slow
+def test_sigkill_as_soon_as_the_run_folder_appears_then_resume(tmp_path, dataset_dir, student_config):
+    out = tmp_path / "run"
+    args = cli_args(dataset_dir, student_config, out, steps=2, save_every=1)
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not out.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no run folder within 120 s"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(train_cmd(*args, "--resume"), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "run.json").exists() and not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
 def test_keep_last_is_restored_after_a_kill_between_save_and_prune(run_train, tmp_path):
     out = tmp_path / "run"
     run_train(out=out, steps=3, save_every=1, keep_last=2)
