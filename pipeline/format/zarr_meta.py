@@ -65,7 +65,13 @@ def check_array_meta(meta, where: str, shape: tuple[int, int]) -> None:
     grid = meta.get("chunk_grid")
     if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
         _fail(where, f"has chunk_grid {grid!r}, expected a regular grid")
-    _check_shape(grid["configuration"].get("chunk_shape"), where, "chunk_shape")
+    chunk = _check_shape(grid["configuration"].get("chunk_shape"), where, "chunk_shape")
+    if any(c > max(1, n) for c, n in zip(chunk, shape)):  # a chunk is allocated whole when read: bound it by the array
+        _fail(where, f"has chunk_shape {chunk}, larger than the array {list(shape)}")
+    for codec in meta.get("codecs") or []:
+        inner = codec.get("configuration", {}).get("chunk_shape") if isinstance(codec, dict) and codec.get("name") == "sharding_indexed" else None
+        if isinstance(inner, list) and any(type(c) is not int or c < 1 or o % c for c, o in zip(inner, chunk)):
+            _fail(where, f"has sharding chunk_shape {inner}, which does not divide the chunk shape {chunk}")
     keys = meta.get("chunk_key_encoding")
     if not isinstance(keys, dict) or keys.get("name") != "default" or \
             (keys.get("configuration") or {}).get("separator", "/") not in ("/", "."):

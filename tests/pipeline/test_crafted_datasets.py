@@ -247,6 +247,8 @@ CASES = {
     "zarr pickle codec": (edit_layer(lambda z: z.__setitem__("codecs", [{"name": "numcodecs.pickle"}])), "zarr.json",
                           r"codec 'numcodecs.pickle'", True),
     "zarr v2 .zarray": (to_zarr_v2, ".zarray", r"Zarr v2", True),
+    "zarr absurd chunk": (edit_layer(lambda z: z["chunk_grid"]["configuration"].__setitem__("chunk_shape", [2**31, 48])),
+                          "zarr.json", r"chunk_shape \[2147483648, 48\], larger than the array", True),
     "zarr group not v3": (edit_json("shards/00000.zarr/zarr.json", lambda z: z.__setitem__("zarr_format", 2)), "zarr.json",
                           r"not a Zarr v3 group", True),
     # Arrow files that differ from the manifest (re-signed)
