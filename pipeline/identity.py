@@ -8,10 +8,13 @@ config and online teacher of a run). Imports no torch.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 SAMPLE_BYTES = 1 << 16  # hashed from the start and the end of each file: cheap for 100 GB of weights
+# Files of a model folder that decide what it computes: config, weights, tokenizer, remote code. Notes (README), run
+# outputs in sub-folders (a student saved by `distill train` holds checkpoints/) do not, and from_pretrained reads only
+# the top level.
+MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".tiktoken", ".txt", ".py")
 
 
 def file_fingerprint(path: Path, h=None) -> str:
@@ -28,8 +31,8 @@ def file_fingerprint(path: Path, h=None) -> str:
 
 
 def path_identity(name: str | None, revision: str | None = None) -> str | None:
-    """`local:<sha256>` of a local file or folder's contents (relative names, sizes, sampled bytes; hidden entries
-    skipped), or `hub:<id>@<revision>` for anything that is not on this machine. None stays None."""
+    """`local:<sha256>` of a local file, or of a model folder's top-level model files (names, sizes, sampled bytes), or
+    `hub:<id>@<revision>` for anything that is not on this machine. None stays None."""
     if not name:
         return name
     path = Path(name).expanduser()
@@ -38,10 +41,8 @@ def path_identity(name: str | None, revision: str | None = None) -> str | None:
     h = hashlib.sha256()
     if path.is_file():
         return "local:" + file_fingerprint(path, h)
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for fname in sorted(f for f in files if not f.startswith(".")):
-            p = Path(root, fname)
-            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+    for p in sorted(path.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix in MODEL_SUFFIXES:
+            h.update(p.name.encode() + b"\0")
             file_fingerprint(p, h)
     return "local:" + h.hexdigest()

@@ -315,3 +315,24 @@ def test_resume_into_a_folder_whose_shards_is_a_symlink_is_refused(tmp_path, tea
     os.symlink(target / "precious.txt", out / "_progress" / "shard-00000.json")
     assert_user_error(invoke(*base(teacher_dir, corpus_dir, out, "--shard-size", 2)), r"shard-00000.json is a symlink")
     assert tree(target) == before
+
+
+def test_path_identity_follows_contents_not_spelling(tmp_path, teacher_dir, monkeypatch):
+    import shutil
+
+    from pipeline.identity import path_identity
+
+    copy = tmp_path / "t"
+    shutil.copytree(teacher_dir, copy)
+    ident = path_identity(str(copy))
+    assert ident.startswith("local:") and ident == path_identity(str(teacher_dir))  # same files, another folder
+    monkeypatch.chdir(tmp_path)
+    assert path_identity("t") == path_identity("./t/") == ident
+    (copy / "README.md").write_text("notes")  # does not change what the model computes
+    assert path_identity("t") == ident
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert path_identity("t") != ident
+    assert path_identity("org/name", "abc") == "hub:org/name@abc"
