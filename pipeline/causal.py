@@ -34,3 +34,43 @@ def require_causal_lm(config, what: str) -> None:
     problem = causal_lm_problem(config)
     if problem:
         raise UserError(f"{what}: {problem}; pass a decoder-only causal LM (GPT-2, Llama, Qwen, ...)")
+
+
+PROBE_TOKENS = 8  # window of the behavioural check: a forward this short costs nothing next to a capture or a run
+PROBE_RTOL = 1e-5  # float32 prefixes of a causal model match exactly; an encoder's differ by ~1e-3 of the logits
+
+
+def sees_the_future(model) -> bool | None:
+    """Behavioural check, the config check's second line: change only the last token and see whether the logits of the
+    earlier positions move. True: the model attends to later tokens (not causal); None: not checked (only float32
+    weights are probed, where a causal model's prefix logits match to rounding)."""
+    import torch
+
+    params = list(model.parameters())
+    if not params or params[0].dtype != torch.float32:
+        return None
+    emb = model.get_input_embeddings()
+    vocab = int(emb.weight.shape[0]) if emb is not None else int(model.config.vocab_size)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    n = min(PROBE_TOKENS, limit) if isinstance(limit, int) and limit > 1 else PROBE_TOKENS
+    ids = (torch.arange(n) * 37 + 11) % vocab  # (T,)
+    pair = torch.stack([ids, ids.clone()])  # (2, T)
+    pair[1, -1] = (pair[1, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=pair.to(emb.weight.device if emb is not None else params[0].device),
+                           use_cache=False).logits.float()  # (2, T, V)
+    finally:
+        model.train(was_training)
+    prefix = (logits[0, :-1] - logits[1, :-1]).abs().max()
+    return bool(prefix > PROBE_RTOL * logits.abs().max().clamp(min=1.0))
+
+
+def require_causal_model(model, what: str) -> None:
+    """The config check, then the behavioural one on the loaded model; one UserError naming `what`."""
+    require_causal_lm(model.config, what)
+    if sees_the_future(model):
+        raise UserError(f"{what}: the model's output at a position changes when a later token changes, so it attends to "
+                        "the future and is not a causal language model; pass a decoder-only causal LM")

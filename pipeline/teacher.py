@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .causal import require_causal_lm
+from .causal import require_causal_lm, require_causal_model
 from .errors import UserError, describe
 
 
@@ -77,7 +77,9 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
         raise UserError(f"--teacher {name}: cannot load the model ({describe(e)})")
     except OSError as e:
         raise UserError(f"--teacher {name}: cannot load the model weights ({describe(e)})")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    require_causal_model(model, f"--teacher {name}")  # float32 teachers: also checked by behaviour
+    return model
 
 
 def max_positions(config) -> int | None:

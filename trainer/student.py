@@ -15,7 +15,7 @@ import tempfile
 import torch
 from torch import nn
 
-from pipeline.causal import require_causal_lm
+from pipeline.causal import require_causal_lm, require_causal_model
 from pipeline.errors import UserError, describe
 from pipeline.format.reader import Dataset
 from pipeline.teacher import max_positions
@@ -51,6 +51,7 @@ def load_student(cfg: TrainConfig, ds: Dataset):
                 setattr(config, key, tok[key])
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        require_causal_model(model, f"--student-config {cfg.student_config}")
         return model, None
     return (load_pretrained(cfg.student, cfg.trust_remote_code, what=f"--student {cfg.student}"),
             load_tokenizer(cfg.student, cfg.trust_remote_code))
@@ -75,9 +76,11 @@ def load_pretrained(path: str, trust_remote_code: bool = False, dtype: torch.dty
         raise UserError(f"{what}: cannot load its config ({describe(e, 300)}); pass a model folder or hub id")
     require_causal_lm(config, what)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{what}: cannot load the model ({describe(e, 300)}); pass a model folder or hub id")
+    require_causal_model(model, what)
+    return model
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

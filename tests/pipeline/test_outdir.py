@@ -336,3 +336,20 @@ def test_path_identity_follows_contents_not_spelling(tmp_path, teacher_dir, monk
     weights.write_bytes(bytes(data))
     assert path_identity("t") != ident
     assert path_identity("org/name", "abc") == "hub:org/name@abc"
+
+
+def test_behavioural_check_catches_a_model_that_sees_the_future():
+    """Second line behind the config check: a BERT whose config the list would not know is still caught by behaviour."""
+    import torch
+    from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
+
+    from pipeline.causal import sees_the_future
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=64)
+    assert sees_the_future(AutoModelForCausalLM.from_config(BertConfig(**small))) is True
+    assert sees_the_future(AutoModelForCausalLM.from_config(BertConfig(**small, is_decoder=True))) is False
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(**small, num_key_value_heads=2))
+    assert sees_the_future(llama) is False and llama.training  # the probe leaves the training mode as it was
+    assert sees_the_future(llama.to(torch.bfloat16)) is None  # not probed below float32
