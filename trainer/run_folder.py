@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe, os_problem
 from pipeline.identity import path_identity
 from pipeline.outdir import TEMP_MARK, lock_folder, make_out_folder, refuse_links, remove_leftovers
 
@@ -21,16 +21,16 @@ PATH_FIELDS = ("student", "student_config", "online_teacher")
 def take_run_folder(out: Path) -> tuple[int | None, list[str]]:
     """Create and lock `out` (exclusive), refuse symlinks or special files in it, and delete temp leftovers of killed
     runs (top level and checkpoints/). Returns (lock handle, problems): problems are broadcast so every rank stops."""
-    try:
+    lock = None
+    try:  # an error here is returned, not raised: under torchrun the other ranks wait for rank 0's answer
         make_out_folder(out)
         lock = lock_folder(out, what="--out")
-    except UserError as e:
-        return None, [str(e)]
-    try:
         refuse_links(out)
+        remove_leftovers(out, (CHECKPOINTS,))
     except UserError as e:
         return lock, [str(e)]
-    remove_leftovers(out, (CHECKPOINTS,))
+    except OSError as e:  # read-only or forbidden folder, disk full: one line
+        return lock, [f"--out {out}: {os_problem(e) or describe(e)}"]
     return lock, []
 
 

@@ -218,3 +218,23 @@ def test_disk_full_while_training_is_one_line_mentioning_the_disk(tmp_path, data
                        env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=small_files)
     assert r.returncode == 2, r.stderr[-3000:]
     one_error_line(r.stderr, r"disk")
+
+
+def test_read_only_out_folder(tmp_path, dataset_dir, student_config):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = False
+    if os.geteuid() == 0:  # root ignores permission bits: use a read-only filesystem instead
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode == 0
+        if not mounted:
+            pytest.skip("running as root without permission to mount a read-only filesystem")
+    else:
+        ro.chmod(0o555)
+    try:
+        r = CliRunner().invoke(train_command, cli_args(dataset_dir, student_config, ro / "run", steps=1))
+        assert r.exit_code == 2
+        one_error_line(r.stderr, r"--out .*run: cannot write.*read-only|permission denied")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], check=True)
+        ro.chmod(0o755)
