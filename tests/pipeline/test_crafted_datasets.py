@@ -302,6 +302,11 @@ def test_the_base_dataset_verifies(base):
     r = CliRunner().invoke(main, ["verify", str(base)])
     assert r.exit_code == 0 and r.output.startswith("ok: 3 shards"), r.output
     assert "verify" not in r.output  # no progress bar when not on a terminal
+    from pipeline.format import verify_dataset
+
+    seen = []
+    verify_dataset(base, progress=lambda shard: seen.append((shard.name, shard.windows)))
+    assert seen == [("00000", 8), ("00001", 8), ("00002", 3)]  # called once per verified shard, in order
 
 
 def test_verify_a_file_instead_of_a_folder(base):
@@ -352,3 +357,35 @@ def test_impossible_values_are_refused_by_verify(case, base, tmp_path):
     shutil.copytree(base, ds)
     rewrite_shard(change, shard)(ds)
     assert_one_line(CliRunner().invoke(main, ["verify", str(ds)]), f"{shard}.arrow", pattern)
+
+
+def test_verify_shows_a_progress_bar_on_a_terminal(base):
+    """On a terminal (a real pseudo-terminal here) verify draws a bar on stderr; --no-progress hides it."""
+    import pty
+    import subprocess
+    import sys
+
+    def run(*extra):
+        import fcntl
+        import struct
+        import termios
+
+        controller, terminal = pty.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(base), *extra], stdout=subprocess.PIPE,
+                              stderr=terminal, timeout=120)
+        os.close(terminal)
+        shown = b""
+        try:
+            while chunk := os.read(controller, 65536):
+                shown += chunk
+        except OSError:  # the terminal's other end is closed: all read
+            pass
+        os.close(controller)
+        return proc, shown.decode(errors="replace")
+
+    proc, shown = run()
+    assert proc.returncode == 0 and proc.stdout.startswith(b"ok: 3 shards")
+    assert "verify" in shown and "19/19" in shown, shown
+    proc, shown = run("--no-progress")
+    assert proc.returncode == 0 and "verify" not in shown
