@@ -55,6 +55,20 @@ def lock_folder(out: Path, *, shared: bool = False, what: str = "--out", hint: s
     return fd
 
 
+def lock_rank(progress: Path, rank: int, world_size: int) -> int:
+    """Ranks share the folder lock, so two processes started with the same --rank would compute the same shards twice:
+    each rank also locks its own file in `_progress/` (gone with `_progress/` when the capture finishes)."""
+    path = progress / f"rank-{rank:05d}-of-{world_size:05d}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--rank {rank} of this capture is already running in another process on {progress.parent}; "
+                        "give each process its own --rank")
+    return fd
+
+
 def try_exclusive(fd: int) -> bool:
     """Upgrade a shared lock to exclusive when no other process holds it (False otherwise: the shared lock may be lost,
     so call this only when about to return)."""

@@ -21,7 +21,7 @@ from .config import PrecomputeConfig
 from .errors import UserError
 from .background_writer import BackgroundWriter
 from .identity import path_identity
-from .outdir import lock_folder, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
+from .outdir import lock_folder, lock_rank, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name, token_dtype, window_schema, write_json_atomic
 from .format.bitpack import bits_for
 from .format.files import list_files, remove_temp_files, sha256_file
@@ -47,16 +47,17 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     created = not out.exists() and not out.is_symlink()
     make_out_folder(out)
     hint = "" if cfg.world_size > 1 else "; processes of one capture each pass --rank and --world-size"
-    lock = lock_folder(out, shared=cfg.world_size > 1, hint=hint)
+    held = [lock_folder(out, shared=cfg.world_size > 1, hint=hint)]
     try:
-        return _precompute(cfg, out, lock)
+        return _precompute(cfg, out, held)
     finally:
-        unlock_folder(lock)
+        for fd in held:
+            unlock_folder(fd)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before writing anything: leave no empty folder behind
 
 
-def _precompute(cfg: PrecomputeConfig, out: Path, lock: int) -> dict:
+def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -95,7 +96,7 @@ def _precompute(cfg: PrecomputeConfig, out: Path, lock: int) -> dict:
     widths = {layer: teacher["hidden_size"] for layer in layers}
     spec = capture_spec(cfg, vocab, tok_dtype, layers, widths)
     settings |= {k: spec[k] for k in SETTINGS_FROM_CAPTURE if k in spec}
-    exclusive = cfg.world_size == 1
+    exclusive, lock = cfg.world_size == 1, held[0]
     existing = prepare_output(out, settings, cfg.rank, cfg.world_size, exclusive)
     if existing is not None:
         if not exclusive and try_exclusive(lock):  # no other rank left: this one may remove leftovers
@@ -103,6 +104,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path, lock: int) -> dict:
         print(f"{out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
         return existing
     progress_dir = out / PROGRESS_DIR
+    if not exclusive:  # ranks share the folder; each also locks its own rank, so no rank runs twice at once
+        held.append(lock_rank(progress_dir, cfg.rank, cfg.world_size))
     save_tokenizer(tokenizer, out)
 
     # --- tokens: one pass over the corpus into a flat file (shared by resume and every rank) -------------------------

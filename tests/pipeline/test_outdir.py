@@ -353,3 +353,23 @@ def test_behavioural_check_catches_a_model_that_sees_the_future():
     llama = AutoModelForCausalLM.from_config(LlamaConfig(**small, num_key_value_heads=2))
     assert sees_the_future(llama) is False and llama.training  # the probe leaves the training mode as it was
     assert sees_the_future(llama.to(torch.bfloat16)) is None  # not probed below float32
+
+
+def test_the_same_rank_cannot_run_twice(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.outdir import lock_rank, unlock_folder
+
+    progress = tmp_path / "o" / "_progress"
+    progress.mkdir(parents=True)
+    code = ("import sys, time; from pathlib import Path; from pipeline.outdir import lock_rank; "
+            "lock_rank(Path(sys.argv[1]), 0, 2); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(progress)], env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=r"--rank 0 of this capture is already running"):
+            lock_rank(progress, 0, 2)
+        unlock_folder(lock_rank(progress, 1, 2))  # the other rank is free
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    unlock_folder(lock_rank(progress, 0, 2))  # free again once its holder is killed
