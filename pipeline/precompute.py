@@ -51,10 +51,11 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     try:
         return _precompute(cfg, out, held)
     finally:
+        # refused before writing anything: leave no empty folder behind (unless another rank is using it)
+        if created and out.is_dir() and not any(out.iterdir()) and (cfg.world_size == 1 or try_exclusive(held[0])):
+            out.rmdir()
         for fd in held:
             unlock_folder(fd)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # refused before writing anything: leave no empty folder behind
 
 
 def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:

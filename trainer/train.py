@@ -230,7 +230,12 @@ def resume_point(out: Path, cfg: TrainConfig, ds) -> Path | None:
         return None
     if not cfg.resume:
         raise UserError(f"--out {out} holds another run; pass --resume to continue it, or choose a new --out")
-    saved = json.loads((out / TRAIN_CONFIG).read_text()) if (out / TRAIN_CONFIG).exists() else {}
+    try:
+        saved = json.loads((out / TRAIN_CONFIG).read_text()) if (out / TRAIN_CONFIG).exists() else {}
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"--out {out}: its {TRAIN_CONFIG} is not a JSON object (damaged); restore it or choose a new --out")
     if saved.get("dataset", {}).get("manifest_sha256", ds.manifest_sha256) != ds.manifest_sha256:
         raise UserError(f"--out {out} holds a run on another dataset ({saved['dataset'].get('url')}); pass that --data, "
                         "or choose a new --out")

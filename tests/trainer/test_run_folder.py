@@ -238,3 +238,11 @@ def test_read_only_out_folder(tmp_path, dataset_dir, student_config):
         if mounted:
             subprocess.run(["umount", str(ro)], check=True)
         ro.chmod(0o755)
+
+
+def test_damaged_train_config_is_one_line(run_train, tmp_path):
+    out = tmp_path / "run"
+    run_train(out=out, steps=1)
+    (out / "train_config.json").write_text('{"config": ')
+    with pytest.raises(UserError, match=r"train_config.json is not a JSON object \(damaged\)"):
+        run_train(out=out, steps=1, resume=True)
