@@ -53,9 +53,10 @@ class _Checker:
             self.fail(f"`{key}` is {_show(value)}, expected an object")
         return value
 
-    def int_(self, d: dict, key: str, lo: int, hi: int, path: str, required: bool = True) -> int | None:
+    def int_(self, d: dict, key: str, lo: int, hi: int, path: str, required: bool = True, null_ok: bool = False) -> int | None:
+        """An integer in [lo, hi]; absent only when not `required`, null only when `null_ok`."""
         value = d.get(key)
-        if value is None and not required:
+        if (key not in d and not required) or (value is None and null_ok):
             return None
         if type(value) is not int or not lo <= value <= hi:
             self.fail(f"`{path}` is {_show(value)}, expected an integer in [{lo}, {hi}]")
@@ -119,7 +120,7 @@ def _check_teacher(c: _Checker, teacher: dict, T: int) -> None:
     c.int_(teacher, "num_hidden_layers", 0, 1 << 16, "teacher.num_hidden_layers", required=False)
     c.int_(teacher, "hidden_size", 0, 1 << 24, "teacher.hidden_size", required=False)
     c.int_(teacher, "parameters", 1, 1 << 50, "teacher.parameters", required=False)
-    limit = c.int_(teacher, "max_position_embeddings", 1, 1 << 40, "teacher.max_position_embeddings", required=False)
+    limit = c.int_(teacher, "max_position_embeddings", 1, 1 << 40, "teacher.max_position_embeddings", required=False, null_ok=True)
     if limit is not None and T > limit:
         c.fail(f"`corpus.seq_len` {T} is above `teacher.max_position_embeddings` {limit}")
     dtype = teacher.get("dtype")
@@ -135,7 +136,7 @@ def _check_tokenizer(c: _Checker, tok: dict, vocab: int) -> None:
     if n is not None and n > vocab:
         c.fail(f"`tokenizer.vocab_size` {n} is larger than `teacher.vocab_size` {vocab}: the teacher cannot score every token")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        c.int_(tok, key, 0, (n or vocab) - 1, f"tokenizer.{key}", required=False)
+        c.int_(tok, key, 0, (n or vocab) - 1, f"tokenizer.{key}", required=False, null_ok=True)
     files = tok.get("files")
     if files is None:
         return
@@ -255,6 +256,9 @@ def _check_shards(c: _Checker, shards, cap: dict, T: int, spec: dict, vocab: int
         if files[arrow]["bytes"] * ratio < need:
             c.fail(f"`{where}.windows` is {n}, but {arrow} has {files[arrow]['bytes']} bytes, too few for {n} windows "
                    f"of {T} tokens (at least {-(-need // ratio)})")
+        stats = r.get("stats", {})
+        if not isinstance(stats, dict) or not all(v is None or type(v) in (int, float) for v in stats.values()):
+            c.fail(f"`{where}.stats` is {_show(stats)}, expected an object of figure -> number")
         c.int_(r, "tokens", n * T, n * T, f"{where}.tokens", required=False)
         c.int_(r, "valid_tokens", 0, n * T, f"{where}.valid_tokens", required=False)
 

@@ -82,6 +82,7 @@ def check_tokenizer_files(ds) -> None:
         if isinstance(spec, dict) and "auto_map" in spec:
             _fail(f"{where}/{name}", f"asks for remote code (auto_map {json.dumps(spec['auto_map'])[:80]}); distill never "
                   "runs code that comes with a dataset")
+    _check_special_tokens(tok, contents, where)
     spec = contents.get("tokenizer.json")
     if spec is not None:
         text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
@@ -91,3 +92,36 @@ def check_tokenizer_files(ds) -> None:
         n = tokenizer_vocab_size(spec)
         if n is not None and tok.get("vocab_size") is not None and n != tok["vocab_size"]:
             _fail(f"{where}/tokenizer.json", f"holds {n} token ids but manifest.json's tokenizer.vocab_size is {tok['vocab_size']}")
+
+
+def _token_ids(spec) -> dict:
+    """token text -> id from a tokenizer.json (vocabulary and added tokens)."""
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    ids = dict(vocab) if isinstance(vocab, dict) else {}
+    for t in (spec.get("added_tokens") or []) if isinstance(spec, dict) else []:
+        if isinstance(t, dict) and isinstance(t.get("content"), str):
+            ids[t["content"]] = t.get("id")
+    return ids
+
+
+def _check_special_tokens(tok: dict, contents: dict, where: str) -> None:
+    """The manifest's special tokens are those of tokenizer_config.json, and their ids those of tokenizer.json."""
+    config = contents.get("tokenizer_config.json")
+    specials = tok.get("special_tokens")
+    if isinstance(config, dict) and isinstance(specials, dict):
+        for key, text in specials.items():
+            found = config.get(key)
+            found = found.get("content") if isinstance(found, dict) else found
+            if key in ("bos_token", "eos_token", "pad_token", "unk_token") and found != text:
+                _fail(f"{where}/tokenizer_config.json", f"{key} is {found!r} but manifest.json's tokenizer.special_tokens "
+                      f"says {text!r}")
+    spec = contents.get("tokenizer.json")
+    if spec is None or not isinstance(specials, dict):
+        return
+    ids = _token_ids(spec)
+    for key in ("bos", "eos", "pad"):
+        text, expected = specials.get(f"{key}_token"), tok.get(f"{key}_token_id")
+        if isinstance(text, str) and expected is not None and ids.get(text) != expected:
+            _fail(f"{where}/tokenizer.json", f"{key} token {text!r} has id {ids.get(text)!r} but manifest.json's "
+                  f"tokenizer.{key}_token_id is {expected}")

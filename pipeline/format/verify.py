@@ -40,7 +40,11 @@ def verify_shard(ds: Dataset, i: int) -> None:
         if arr.shape != (shard.windows * T, width):
             raise FormatError(f"shard {shard.name}: layer {layer} has shape {arr.shape}, expected {(shard.windows * T, width)}")
         for start in range(0, arr.shape[0], 64 * T):  # a few windows at a time: memory stays small
-            block = np.asarray(arr[start : start + 64 * T])
+            try:
+                block = np.asarray(arr[start : start + 64 * T])
+            except Exception as e:  # the metadata passed its checks; a chunk zarr cannot decode is a damaged file
+                raise FormatError(f"{shard.where(f'{shard.name}.zarr/layer_{layer}')}: zarr cannot read windows from "
+                                  f"{start // T} ({type(e).__name__}: {' '.join(str(e).split())[:150]})")
             if np.isnan(block).any():
                 row = start + int(np.argwhere(np.isnan(block))[0][0])
                 raise FormatError(f"{shard.where(f'{shard.name}.zarr/layer_{layer}')}: NaN hidden state at window "

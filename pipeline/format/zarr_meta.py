@@ -20,20 +20,46 @@ def _fail(where: str, msg: str):
     raise FormatError(f"{where}: {msg}; the dataset was not written by distill or was altered: do not use it")
 
 
+def _scalar_config(conf: dict, where: str, name: str, allowed: dict) -> None:
+    """Each configuration key must be known and of its type (zarr would raise on anything else, or misread it)."""
+    for key, value in conf.items():
+        check = allowed.get(key)
+        if check is None or not check(value):
+            _fail(where, f"codec {name!r} has configuration {key}={value!r}, which distill does not write or read")
+
+
+_INT = lambda v: type(v) is int  # noqa: E731
+CODEC_CONFIG = {
+    "bytes": {"endian": lambda v: v in ("little", "big")},
+    "zstd": {"level": _INT, "checksum": lambda v: type(v) is bool},
+    "crc32c": {},
+    "gzip": {"level": _INT},
+    "transpose": {"order": lambda v: isinstance(v, list) and sorted(v) == [0, 1]},
+    "blosc": {"cname": lambda v: isinstance(v, str), "clevel": _INT, "shuffle": lambda v: isinstance(v, str),
+              "typesize": _INT, "blocksize": _INT},
+}
+
+
 def check_codecs(codecs, where: str) -> None:
     if not isinstance(codecs, list) or not codecs:
         _fail(where, f"`codecs` is {codecs!r}, expected a non-empty list of codecs")
     for codec in codecs:
         name = codec.get("name") if isinstance(codec, dict) else None
-        if name not in ALLOWED_ZARR_CODECS:
+        if not isinstance(name, str) or name not in ALLOWED_ZARR_CODECS:
             _fail(where, f"uses zarr codec {name!r}; allowed: {', '.join(sorted(ALLOWED_ZARR_CODECS))}")
+        if set(codec) - {"name", "configuration"}:
+            _fail(where, f"codec {name!r} has keys {sorted(set(codec) - {'name', 'configuration'})}, expected name and configuration")
         conf = codec.get("configuration", {})
         if not isinstance(conf, dict):
             _fail(where, f"codec {name!r} has configuration {conf!r}, expected an object")
         if name == "sharding_indexed":
+            _scalar_config(conf, where, name, {"chunk_shape": lambda v: True, "codecs": lambda v: True,
+                                               "index_codecs": lambda v: True, "index_location": lambda v: v in ("start", "end")})
             _check_shape(conf.get("chunk_shape"), where, "sharding chunk_shape")
             check_codecs(conf.get("codecs"), where)
             check_codecs(conf.get("index_codecs"), where)
+        else:
+            _scalar_config(conf, where, name, CODEC_CONFIG[name])
 
 
 def _check_shape(shape, where: str, what: str, length: int = 2) -> list[int]:
@@ -68,19 +94,21 @@ def check_array_meta(meta, where: str, shape: tuple[int, int]) -> None:
     chunk = _check_shape(grid["configuration"].get("chunk_shape"), where, "chunk_shape")
     if any(c > max(1, n) for c, n in zip(chunk, shape)):  # a chunk is allocated whole when read: bound it by the array
         _fail(where, f"has chunk_shape {chunk}, larger than the array {list(shape)}")
-    for codec in meta.get("codecs") or []:
-        inner = codec.get("configuration", {}).get("chunk_shape") if isinstance(codec, dict) and codec.get("name") == "sharding_indexed" else None
+    check_codecs(meta.get("codecs"), where)
+    for codec in meta["codecs"]:
+        inner = codec.get("configuration", {}).get("chunk_shape") if codec["name"] == "sharding_indexed" else None
         if isinstance(inner, list) and any(type(c) is not int or c < 1 or o % c for c, o in zip(inner, chunk)):
             _fail(where, f"has sharding chunk_shape {inner}, which does not divide the chunk shape {chunk}")
     keys = meta.get("chunk_key_encoding")
-    if not isinstance(keys, dict) or keys.get("name") != "default" or \
-            (keys.get("configuration") or {}).get("separator", "/") not in ("/", "."):
+    conf = keys.get("configuration", {}) if isinstance(keys, dict) else None
+    if not isinstance(keys, dict) or keys.get("name") != "default" or not isinstance(conf, dict) or \
+            set(conf) - {"separator"} or conf.get("separator", "/") not in ("/", "."):
         _fail(where, f"has chunk_key_encoding {keys!r}, expected the default encoding with separator '/' or '.'")
     if type(meta.get("fill_value")) not in (int, float):
         _fail(where, f"has fill_value {meta.get('fill_value')!r}, expected a number")
-    check_codecs(meta.get("codecs"), where)
     names = meta.get("dimension_names")
-    if names is not None and (not isinstance(names, list) or len(names) != 2):
+    if names is not None and (not isinstance(names, list) or len(names) != 2
+                              or not all(x is None or isinstance(x, str) for x in names)):
         _fail(where, f"has dimension_names {names!r}, expected two names")
 
 

@@ -264,6 +264,13 @@ CASES = {
     "tokenizer_config.json flipped byte": (flip_byte("tokenizer/tokenizer_config.json"), "tokenizer_config.json", r"checksum mismatch", True),
     "tokenizer.json re-signed edit": (edit_json("tokenizer/tokenizer.json", lambda t: t["model"]["vocab"].__setitem__("zzzz", 999)),
                                       "tokenizer.json", r"hashes to .* but manifest.json's tokenizer.sha256", True),
+    "tokenizer special token": (edit_json("tokenizer/tokenizer_config.json", lambda c: c.__setitem__("eos_token", "def")),
+                                "tokenizer_config.json", r"eos_token is 'def' but manifest.json's tokenizer.special_tokens", True),
+    "tokenizer special token id": (edit_manifest(lambda m: [m["tokenizer"].__setitem__("eos_token_id", 7),
+                                                            m["settings"].__setitem__("x", 1)] and None),
+                                   "tokenizer.json", r"eos token '<\|endoftext\|>' has id 0 but manifest.json's tokenizer.eos_token_id is 7", True),
+    "zarr codec configuration": (edit_layer(lambda z: z["codecs"][0].__setitem__("configuration", "x")), "zarr.json",
+                                 r"codec 'sharding_indexed' has configuration 'x'", True),
     "unlisted tokenizer file": (add_tokenizer_file, "added_tokens.json", r"not listed in manifest.json", True),
     # symlinks and special files
     "symlinked shard": (symlink("shards/00000.arrow"), "00000.arrow", r"is a symlink", True),
