@@ -396,3 +396,75 @@ def test_verify_shows_a_progress_bar_on_a_terminal(base):
     assert "verify" in shown and "19/19" in shown, shown
     proc, shown = run("--no-progress")
     assert proc.returncode == 0 and "verify" not in shown
+
+
+# --- no malformed value anywhere becomes a traceback -----------------------------------------------------------------
+
+ODD_VALUES = [None, "x", -1, [], {}, 10**12, 1.5, True, "/../"]
+
+
+def json_leaves(obj, path=()):
+    if path:
+        yield path
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from json_leaves(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:2]):
+            yield from json_leaves(v, path + (i,))
+
+
+def variants(obj):
+    """`obj` with one value replaced by an odd one, for every value (lists: their first two items) and odd value."""
+    import copy
+
+    for path in json_leaves(obj):
+        for value in ODD_VALUES:
+            changed = copy.deepcopy(obj)
+            node = changed
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            yield path, value, changed
+
+
+def test_no_manifest_or_zarr_value_causes_a_traceback(base):
+    """Every value of manifest.json and of a layer's zarr.json replaced by each odd value: the checks either accept it
+    or raise FormatError, never another exception (which the CLI would print as a traceback)."""
+    from pipeline.errors import FormatError
+    from pipeline.format.manifest import check_manifest
+    from pipeline.format.zarr_meta import check_array_meta
+
+    refused = 0
+    m = manifest(base)
+    m["corpus"]["files"] = m["corpus"]["files"][:1]
+    for path, value, changed in variants(m):
+        try:
+            check_manifest(changed)
+        except FormatError:
+            refused += 1
+        except Exception as e:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"manifest {path} = {value!r}: {type(e).__name__}: {e}")
+    assert refused > 500
+    meta = json.loads((base / layer_json(base)).read_text())
+    for path, value, changed in variants(meta):
+        try:
+            check_array_meta(changed, "zarr.json", tuple(meta["shape"]))
+        except FormatError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"zarr.json {path} = {value!r}: {type(e).__name__}: {e}")
+
+
+@pytest.mark.parametrize("rel", ["shards/00001.arrow", "shards/00000.zarr/zarr.json", "LAYER/zarr.json", "LAYER/c/0/0",
+                                 "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"])
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_a_flipped_byte_in_any_kind_of_file_is_found(base, tmp_path, rel, where):
+    ds = tmp_path / "ds"
+    shutil.copytree(base, ds)
+    rel = rel.replace("LAYER", layer_json(ds).rsplit("/", 1)[0])
+    data = bytearray((ds / rel).read_bytes())
+    data[int(len(data) * where)] ^= 0x20
+    (ds / rel).write_bytes(bytes(data))
+    r = CliRunner().invoke(main, ["verify", str(ds)])
+    assert_one_line(r, rel.rsplit("/", 1)[-1] if "/c/" not in rel else "c/0/0", r"checksum mismatch")
