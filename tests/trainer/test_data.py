@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import fsspec
@@ -254,3 +255,24 @@ def test_hidden_states_from_an_fsspec_url(dataset_dir, scheme):
     finally:
         if scheme == "memory":
             fsspec.filesystem("memory").rm("/hidden-url-test", recursive=True)
+
+
+def test_train_refuses_nan_log_probs_before_step_1_in_one_line(dataset_dir, tmp_path, student_config):
+    """NaN teacher log-probs in every shard: `distill train` stops before its first step with one line naming the
+    shard file and column (the KD term is never silently zeroed)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from tests.pipeline.test_crafted_datasets import replace_column, rewrite_shard, set_at
+
+    copy = crafted_copy(dataset_dir, tmp_path)
+    for shard in ("00000", "00001", "00002"):
+        rewrite_shard(replace_column("topk_logprobs", set_at((0, 0, 0), np.nan)), shard)(copy)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--data", str(copy), "--student-config", str(student_config), "--out", str(out),
+                                  "--steps", "2", "--batch-size", "4", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    lines = [line for line in r.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(r"shards/0000\d.arrow: column topk_logprobs: NaN at window 0, position 0", lines[0]), r.output
+    metrics = out / "metrics.jsonl"
+    assert not metrics.exists() or not any(json.loads(line).get("step") for line in metrics.read_text().splitlines())
