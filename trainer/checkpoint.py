@@ -1,7 +1,7 @@
 """Checkpoints of a training run: written atomically, the last K kept, found again by `--resume`.
 
-Called by `trainer.train`. Layout: `OUT/checkpoints/step-000100/` holds the student as `save_pretrained` writes it (so a
-checkpoint is itself a loadable model) and `state.pt` (optimizer, scheduler, reader position, projections, RNG states
+Called by `trainer.train`. Layout: `OUT/checkpoints/step-000100/` holds the student and its tokenizer as `save_pretrained`
+writes them (so a checkpoint is itself a loadable model) and `state.pt` (optimizer, scheduler, reader position, projections, RNG states
 of every rank, step). Everything is written under a `.tmp-PID` name, fsynced, then renamed: a run killed mid-save leaves
 only a temp folder, which the next run deletes. `state.pt` holds only tensors and plain containers, so it loads with
 `torch.load(weights_only=True)`.
@@ -54,13 +54,16 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(out: Path, step: int, model, state: dict, keep_last: int) -> Path:
-    """Write model + state for `step` atomically, then delete all but the newest `keep_last` checkpoints."""
+def save_checkpoint(out: Path, step: int, model, state: dict, keep_last: int, tokenizer=None) -> Path:
+    """Write model (+ tokenizer) + state for `step` atomically, then delete all but the newest `keep_last` checkpoints.
+    With the tokenizer a checkpoint loads on its own (`from_pretrained`, `distill eval --student CKPT`)."""
     final = checkpoint_dir(out, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_temp_files(final.parent)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     model.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
     torch.save(state, tmp / STATE)
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. a finished run resumed): replace it

@@ -67,3 +67,12 @@ def broadcast_error(problems: list[str]) -> None:
     merged = list(dict.fromkeys(p for rank_problems in everyone for p in rank_problems))
     if merged:
         raise UserError("; ".join(merged))
+
+
+def set_cpu_threads(threads: int | None, device: torch.device) -> int | None:
+    """On the CPU, use `threads` intra-op threads (default 1; see TrainConfig.threads for why). Returns the number set
+    (None on other devices, where the CPU only feeds the accelerator)."""
+    if device.type != "cpu":
+        return None
+    torch.set_num_threads(threads)
+    return threads

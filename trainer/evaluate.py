@@ -139,13 +139,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     from pipeline.errors import UserError
     from pipeline.format import open_dataset
 
+    from .model_card import model_folder
     from .student import compatibility_problems, fused_blocker, load_pretrained, load_tokenizer
     from .distributed import resolve_device_dtype
 
     ds = open_dataset(cfg.data)
     device, amp_dtype = resolve_device_dtype(cfg.device, cfg.dtype, local_rank=0)
-    model = load_pretrained(cfg.student, cfg.trust_remote_code, what=f"--student {cfg.student}")
-    problems = compatibility_problems(model, load_tokenizer(cfg.student, cfg.trust_remote_code), ds)
+    student = model_folder(cfg.student)  # a run folder's RUN/model/
+    model = load_pretrained(student, cfg.trust_remote_code, what=f"--student {cfg.student}")
+    problems = compatibility_problems(model, load_tokenizer(student, cfg.trust_remote_code), ds)
     if problems:
         raise UserError("; ".join(problems))
     model.to(device)

@@ -43,12 +43,12 @@ def load_student(cfg: TrainConfig, ds: Dataset):
             raise UserError(f"--student-config {cfg.student_config} is not a usable model config ({describe(e)}); "
                             "pass a config.json with a model_type, as save_pretrained writes it")
         require_causal_lm(config, f"--student-config {cfg.student_config}")
-        tok = ds.manifest["tokenizer"]
+        tokenizer_section = ds.manifest.tokenizer
         if "vocab_size" not in raw:  # a config written for this dataset need not repeat its vocabulary
             config.vocab_size = ds.vocab_size
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key not in raw and tok.get(key) is not None:
-                setattr(config, key, tok[key])
+            if key not in raw and getattr(tokenizer_section, key) is not None:
+                setattr(config, key, getattr(tokenizer_section, key))
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
         require_causal_model(model, f"--student-config {cfg.student_config}")
@@ -122,7 +122,7 @@ def compatibility_problems(model, tokenizer, ds: Dataset, what: str = "student")
             f"{what} vocab size {vocab} differs from the teacher's {ds.vocab_size} in the dataset; use a {what} with "
             f"vocab_size {ds.vocab_size} and the teacher's tokenizer"
         )
-    if tokenizer is not None and tokenizer_sha256(tokenizer) != ds.manifest["tokenizer"]["sha256"]:
+    if tokenizer is not None and tokenizer_sha256(tokenizer) != ds.manifest.tokenizer.sha256:
         problems.append(
             f"{what} tokenizer differs from the teacher's tokenizer the dataset was made with (sha256 mismatch); "
             f"use a {what} trained with the dataset's tokenizer/ or rerun precompute with a matching teacher"
@@ -144,7 +144,7 @@ def resolve_layer_map(cfg: TrainConfig, model, ds: Dataset) -> tuple[dict[int, i
     """Student -> teacher hidden_states indices for the hidden loss, and the problems that make it unusable."""
     if cfg.hidden_weight == 0:
         return {}, []
-    n_student, n_teacher = num_layers(model.config), int(ds.manifest["teacher"]["num_hidden_layers"])
+    n_student, n_teacher = num_layers(model.config), int(ds.manifest.teacher.num_hidden_layers)
     stored = ds.hidden_layers
     if not stored:
         return {}, ["--hidden-weight needs hidden states but the dataset has none; rerun precompute with --hidden-layers, "
@@ -153,6 +153,12 @@ def resolve_layer_map(cfg: TrainConfig, model, ds: Dataset) -> tuple[dict[int, i
         layer_map = losses.parse_layer_map(cfg.hidden_map) if cfg.hidden_map else losses.default_layer_map(n_student, n_teacher)
     except ValueError as e:
         return {}, [f"--hidden-map: {e}"]
+    if not cfg.hidden_map and not set(layer_map.values()) <= set(stored):
+        # Fewer layers stored than the proportional map needs (e.g. only --hidden-layers -1): pair each stored teacher
+        # layer with the student layer at the same relative depth instead (round half up; embeddings 0 with 0).
+        layer_map = {}
+        for t in sorted(stored):
+            layer_map.setdefault(0 if t == 0 else max(1, (2 * t * n_student + n_teacher) // (2 * n_teacher)), t)
     problems = []
     for s, t in sorted(layer_map.items()):
         if not 0 <= s <= n_student:

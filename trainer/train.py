@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -27,12 +28,14 @@ from pipeline.outdir import unlock_folder
 from . import losses
 from .checkpoint import (CHECKPOINTS, checkpoint_dir, list_checkpoints, load_state, rng_state, save_checkpoint,
                          seed_everything, set_rng_state)
-from .config import TrainConfig, steps_extensible, trajectory_diff
+from .config import TrainConfig, effective_warmup, steps_extensible, trajectory_diff, warmup_note
 from .data import WindowReader, make_loader, stored_target_kind
 from .distributed import (all_gather_objects, all_reduce_sum, barrier, broadcast_error, close_distributed, dist_env,
-                          init_distributed, resolve_device_dtype)
+                          init_distributed, resolve_device_dtype, set_cpu_threads)
 from .evaluate import evaluate_batches, finish_metrics, metric_sums
+from .model_card import model_card, save_final_model
 from .online import load_online_teacher, online_teacher_logits
+from .progress import Progress, make_reporter
 from .run_folder import prune_checkpoints, run_identities, saved_with_same_paths, take_run_folder
 from .student import (DistillStep, compatibility_problems, dataset_tokenizer, fused_blocker, load_pretrained, load_student,
                       load_tokenizer, resolve_layer_map)
@@ -46,6 +49,7 @@ def train(cfg: TrainConfig) -> dict:
     rank, world, local_rank = dist_env()
     device, amp_dtype = resolve_device_dtype(cfg.device, cfg.dtype, local_rank)
     init_distributed(world, device)
+    set_cpu_threads(cfg.threads, device)
     _quiet_transformers()
 
     # --- dataset, run folder, student: every refusal happens here, before any step ---------------------------------
@@ -76,7 +80,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- model, losses, optimizer, schedule --------------------------------------------------------------------------
     seed_everything(cfg.seed)  # same projection init on every rank
-    d_teacher = next((x["width"] for x in ds.capture.get("hidden_layers", []) if x["index"] in layer_map.values()), 0)
+    d_teacher = next((x.width for x in ds.capture.hidden_layers if x.index in layer_map.values()), 0)
     projections = losses.make_projections(layer_map, model.config.hidden_size, d_teacher) if layer_map else nn.ModuleDict()
     model.to(device).train()
     projections.to(device)
@@ -93,6 +97,8 @@ def train(cfg: TrainConfig) -> dict:
                           hidden_layers=tuple(sorted(set(layer_map.values()))))
     total_steps = cfg.steps or max(1, cfg.epochs * reader.batches_per_epoch // cfg.grad_accum)
     lr_factor = lr_schedule(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)
+    if rank == 0 and warmup_note(cfg.warmup, total_steps) and not cfg.quiet:
+        print(warmup_note(cfg.warmup, total_steps), file=sys.stderr, flush=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     keep_at = stable_end(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)  # wsd: a checkpoint kept for extensions
     eval_reader = None
@@ -120,10 +126,10 @@ def train(cfg: TrainConfig) -> dict:
     barrier()
 
     # --- loop --------------------------------------------------------------------------------------------------------
-    from tqdm import tqdm
-
     loader = iter(make_loader(reader, cfg.workers, cfg.seed, pin_memory=device.type == "cuda"))
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
+    progress = Progress(total_steps, step, enabled=rank == 0 and not cfg.quiet, bar=None if cfg.progress else False,
+                        log_seconds=cfg.log_seconds)  # a bar on a terminal, plain lines elsewhere
+    report = make_reporter(cfg.report_to, out, asdict(cfg)) if rank == 0 else None
     params = [p for p in step_fn.parameters() if p.requires_grad]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # token-weighted loss, ce, kd, hidden; tokens; inputs
@@ -154,24 +160,27 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        bar.update(1)
 
+        logged = {}
         if step % cfg.log_every == 0 or step == total_steps:
             last = step_metrics(step, all_reduce_sum(sums), reader, lr, grad_norm, time.perf_counter() - t_log)
             if cfg.record_windows:
                 last["windows"] = all_gather_objects(windows)  # per rank
+            logged = last
             if rank == 0:
                 append_jsonl(out / METRICS, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+                if report:
+                    report(last, step)
             sums.zero_()
             windows, t_log = [], time.perf_counter()
+        progress.update(step, logged)
         if step % cfg.save_every == 0 or step == total_steps or step == keep_at:
             rngs = all_gather_objects(rng_state())  # every rank's generators, so each resumes its own dropout stream
             if rank == 0:
                 save_checkpoint(out, step, model, {
                     "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "reader": reader.state_dict(), "projections": projections.state_dict(), "rng": rngs,
-                }, cfg.keep_last)
+                }, cfg.keep_last, tokenizer=dataset_tokenizer(ds))
                 if step == keep_at:
                     keep_stable_copy(out, step)
             barrier()
@@ -179,20 +188,27 @@ def train(cfg: TrainConfig) -> dict:
             metrics = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
             if rank == 0:
                 append_jsonl(out / METRICS, {"step": step, "eval": metrics})
+                if report:
+                    report({"eval": metrics}, step)
         if cfg.step_sleep:
             time.sleep(cfg.step_sleep)
-    bar.close()
+    progress.close()
     del loader  # stops its worker processes
 
-    # --- finish: final evaluation, the student with the teacher's tokenizer, run.json --------------------------------
+    # --- finish: final evaluation, OUT/model/ (student, tokenizer, model card), run.json -----------------------------
     final = dict(last or last_train_metrics(out / METRICS))
     if eval_reader is not None:
         final["eval"] = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
-        if rank == 0:
+        if rank == 0:  # once: a resumed finished run (or one killed after this line) does not log it again
+            drop_jsonl_lines(out / METRICS, lambda x: x.get("step") == step and "eval" in x)
             append_jsonl(out / METRICS, {"step": step, "eval": final["eval"]})
-    if rank == 0:
-        model.save_pretrained(str(out))
-        dataset_tokenizer(ds).save_pretrained(str(out))
+            if report:
+                report({"eval": final["eval"]}, step)
+    if rank == 0:  # the student alone in OUT/model/ (what to upload), with a model card; checkpoints stay outside it
+        card = model_card(asdict(cfg), dataset_identity(ds), final, total_steps, sum(p.numel() for p in model.parameters()))
+        save_final_model(out, model, dataset_tokenizer(ds), card)
+        if report:
+            report.close()
         write_json_atomic(out / RUN, {
             "dataset": dataset_identity(ds), "eval_dataset": dataset_identity(eval_ds) if eval_ds else None,
             "config": asdict(cfg), "world_size": world, "steps": total_steps, "batches_per_epoch": reader.batches_per_epoch,
@@ -323,7 +339,7 @@ def _step_of(line: str) -> int | None:
 
 
 def dataset_identity(ds) -> dict:
-    return {"url": ds.url, "manifest_sha256": ds.manifest_sha256, "teacher": ds.manifest["teacher"].get("name_or_path"),
+    return {"url": ds.url, "manifest_sha256": ds.manifest_sha256, "teacher": ds.manifest.teacher.name_or_path,
             "windows": ds.windows, "seq_len": ds.seq_len, "top_k": ds.top_k}
 
 
@@ -349,8 +365,9 @@ def lr_schedule(schedule: str, warmup: int, total: int, decay_steps: int | None 
 
     constant and wsd give every step before the decay the same value whatever the total, which is what lets a run be
     extended; wsd then decays linearly over the last `decay_steps` d (default 20% of the total), d/(d+1) down to
-    1/(d+1), reaching 0 one step past the end.
+    1/(d+1), reaching 0 one step past the end. A warmup longer than the run is scaled to 10% of it (`effective_warmup`).
     """
+    warmup = effective_warmup(warmup, total)
     if schedule == "cosine":
         return warmup_cosine(warmup, total)
     start = stable_end(schedule, warmup, total, decay_steps)
@@ -405,6 +422,26 @@ def run_eval(model, reader: WindowReader, device, amp_dtype, fused: bool, cfg: T
 def append_jsonl(path: Path, obj: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
+
+
+def drop_jsonl_lines(path: Path, drop) -> None:
+    """Rewrite a JSON-lines file without the lines for which `drop(obj)` is true (atomically; no-op when none)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not (line.strip() and _json_or_none(line) is not None and drop(_json_or_none(line)))]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
+def _json_or_none(line: str):
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def last_train_metrics(path: Path) -> dict:

@@ -29,7 +29,8 @@ def train_lines(out: Path) -> list[dict]:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
+    """The student's weights in a checkpoint folder, or in a run folder's model/."""
+    return load_file(str(folder / "model" / "model.safetensors" if (folder / "model").is_dir() else folder / "model.safetensors"))
 
 
 def assert_same_weights(a: Path, b: Path, exact: bool = True):
@@ -57,10 +58,10 @@ def test_end_to_end_loss_decreases_and_student_loads(run_train, dataset_dir):
     assert final["step"] == 30 and set(final["eval"]) >= {"ce", "perplexity", "kl", "top1_agreement", "ece"}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
 
-    model = AutoModelForCausalLM.from_pretrained(str(out))
-    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    tok = AutoTokenizer.from_pretrained(str(out / "model"))
     ds = open_dataset(dataset_dir)
-    assert tokenizer_sha256(tok) == ds.manifest["tokenizer"]["sha256"]
+    assert tokenizer_sha256(tok) == ds.manifest.tokenizer.sha256
     ids = torch.tensor([tok("def f(x):\n    return x")["input_ids"]])
     assert torch.isfinite(model(ids).logits).all()
     run = json.loads((out / "run.json").read_text())
@@ -147,8 +148,8 @@ def test_tied_gpt2_student_resumes_from_an_older_checkpoint(run_train, tmp_path)
     final, out = run_train(student_config=str(config), steps=4, save_every=2, keep_last=5)
     expected = weights(out)
     shutil.rmtree(out / "checkpoints" / "step-000004")
-    for name in ("run.json", "model.safetensors"):
-        (out / name).unlink()
+    (out / "run.json").unlink()
+    shutil.rmtree(out / "model")
     resumed, _ = run_train(out=out, student_config=str(config), steps=4, save_every=2, keep_last=5, resume=True)
     assert all(torch.equal(expected[k], v) for k, v in weights(out).items())
     assert resumed["loss"] == final["loss"]
@@ -289,7 +290,7 @@ def test_ddp_two_ranks_cover_the_single_process_epoch(run_train, tmp_path, datas
     assert len(per_rank[0]) == len(per_rank[1]) == WINDOWS // 2
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(single["windows"][0]) == list(range(WINDOWS))
-    assert (out / "model.safetensors").exists() and json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert (out / "model" / "model.safetensors").exists() and json.loads((out / "run.json").read_text())["world_size"] == 2
 
 
 # --- learning-rate schedules and runs extended with a larger --steps (issue 9) -------------------------------------
