@@ -181,6 +181,8 @@ def test_teacher_problem_needs_a_clear_margin_over_the_unigram_baseline():
     assert problem.startswith("the teacher is too weak to distill from: its held-out CE is 6.613 nats/token, 0.012 "
                               "below the unigram baseline 6.625, but at least 1 below is expected; it was trained "
                               "66 steps (cut at 7 min). Train it longer: TEACHER_STEPS=")
+    assert "8.852 nats/token, 2.227 above the unigram baseline" in make_teacher.teacher_problem(
+        report | {"heldout_ce": 8.852}, 1.0)  # 2 steps from a random init: worse than unigram
     assert make_teacher.teacher_problem(report | {"heldout_ce": 5.625}, 1.0) is None  # exactly the margin: fine
     assert make_teacher.teacher_problem(report | {"heldout_ce": 5.626}, 1.0) is not None
 
