@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .format import PROGRESS_DIR, ShardWriter, shard_name, write_json_atomic
 from .format.encode import encode_rows
+from .format.sections import Capture
 
 WRITE_QUEUE_BATCHES = 4  # how far the teacher may run ahead of the disk
 
@@ -23,8 +24,10 @@ class BackgroundWriter:
     The queue holds at most WRITE_QUEUE_BATCHES batches; a writer error is re-raised in the main thread at the next put.
     """
 
-    def __init__(self, out: Path, schema, spec: dict, seq_len: int, widths: dict[int, int], batch_size: int):
-        self.out, self.schema, self.spec, self.seq_len, self.widths, self.batch_size = out, schema, spec, seq_len, widths, batch_size
+    def __init__(self, out: Path, capture: Capture, seq_len: int):
+        self.out, self.capture, self.seq_len = out, capture, seq_len
+        self.schema = capture.schema(seq_len)
+        self.widths = {x.index: x.width for x in capture.hidden_layers}
         self.q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
@@ -65,17 +68,17 @@ class BackgroundWriter:
                     return
                 if item[0] == "open":
                     _, index, n = item
-                    writer = ShardWriter(self.out, index, self.schema, n, self.seq_len, self.widths, self.batch_size,
-                                         compression=self.spec["compression"])
+                    writer = ShardWriter(self.out, index, self.schema, n, self.seq_len, self.widths, self.capture.batch_size,
+                                         compression=self.capture.compression)
                     current = index
                 elif item[0] == "rows":
                     _, rows, hidden, stats = item
-                    writer.write(encode_rows(rows, self.spec), hidden)
+                    writer.write(encode_rows(rows, self.capture), hidden)
                     for name, (total, count) in stats.items():
                         writer.add_stat(name, total, count)
                 elif item[0] == "close":
                     record = writer.finish()
-                    write_json_atomic(self.out / PROGRESS_DIR / f"shard-{shard_name(current)}.json", record)
+                    write_json_atomic(self.out / PROGRESS_DIR / f"shard-{shard_name(current)}.json", record.to_json())
                     writer = None
         except BaseException as e:  # surfaced in the main thread
             self.error = e

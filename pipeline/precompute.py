@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,10 @@ from .errors import UserError
 from .background_writer import BackgroundWriter
 from .identity import path_identity
 from .outdir import lock_folder, lock_rank, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
-from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name, token_dtype, window_schema, write_json_atomic
-from .format.bitpack import bits_for
+from .format import FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name, write_json_atomic
 from .format.files import list_files, remove_temp_files, sha256_file
 from .format.schema import SHARD_NAME_DIGITS, schema_description
+from .format.sections import Capture, Corpus, CreatedBy, FileMeta, HiddenLayer, Manifest, Session, ShardRecord, Teacher, Tokenizer, Totals
 
 TOOL_VERSION = "0.1.0"
 # Capture settings that change shard bytes: a resumed run must match them.
@@ -34,8 +35,6 @@ SETTINGS_FROM_CAPTURE = ("targets", "top_k", "samples", "sample_temperature", "s
 # Settings recorded for people, not compared on resume: the same teacher typed as another path is the same teacher
 # (`teacher_identity`, a hash of its files, is compared instead).
 NOT_COMPARED = ("teacher",)
-# Per-position fidelity figures averaged over valid positions, per shard and overall (docs/FORMAT.md).
-STATS = ("topk_mass", "recon_kl", "sample_unique", "sample_mass", "sample_rkl")
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:
@@ -77,26 +76,30 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code)
     teacher = teacher_record(cfg.teacher, cfg.revision, model, dtype)
-    vocab = teacher["vocab_size"]
     layers = check_model_settings(cfg, model.config, teacher)
+    tokenizer_section = tokenizer_record(tokenizer)
 
     # --- output folder: settings, resume, refusal ------------------------------------------------------------------
     settings = {
         "format_version": FORMAT_VERSION,
-        "teacher": teacher["name_or_path"],
-        "teacher_identity": path_identity(cfg.teacher, teacher["revision"]),
-        "teacher_config_sha256": teacher["config_sha256"],
-        "teacher_dtype": teacher["dtype"],
-        "tokenizer_sha256": tokenizer_record(tokenizer)["sha256"],
+        "teacher": teacher.name_or_path,
+        "teacher_identity": path_identity(cfg.teacher, teacher.revision),
+        "teacher_config_sha256": teacher.config_sha256,
+        "teacher_dtype": teacher.dtype,
+        "tokenizer_sha256": tokenizer_section.sha256,
         "corpus_fingerprint": corpus_fingerprint(files),
         "text_column": cfg.text_column,
         "seq_len": cfg.seq_len,
         "max_tokens": cfg.max_tokens,
     }
-    tok_dtype = token_dtype(vocab)
-    widths = {layer: teacher["hidden_size"] for layer in layers}
-    spec = capture_spec(cfg, vocab, tok_dtype, layers, widths)
-    settings |= {k: spec[k] for k in SETTINGS_FROM_CAPTURE if k in spec}
+    capture = Capture.build(targets=cfg.target_kinds, top_k=cfg.top_k, encoding=cfg.encoding, logprob_bits=cfg.logprob_bits,
+                            compression=cfg.compression, vocab_size=teacher.vocab_size,
+                            hidden_layers=[HiddenLayer(index=layer, width=teacher.hidden_size) for layer in layers],
+                            samples=cfg.samples, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
+                            batch_size=cfg.batch_size, shard_size=cfg.shard_size, world_size=cfg.world_size)
+    recorded = capture.to_json()
+    settings |= {k: recorded[k] for k in SETTINGS_FROM_CAPTURE if k in recorded}
+    tok_dtype = capture.token_dtype
     exclusive, lock = cfg.world_size == 1, held[0]
     existing = prepare_output(out, settings, cfg.rank, cfg.world_size, exclusive)
     if existing is not None:
@@ -129,8 +132,7 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
 
     # --- capture: teacher forward on the device, targets, background writer -----------------------------------------
-    schema = shard_schema(spec, cfg.seq_len)
-    writer = BackgroundWriter(out, schema, spec, cfg.seq_len, widths, cfg.batch_size)
+    writer = BackgroundWriter(out, capture, cfg.seq_len)
     shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)  # noqa: E731
     bar = tqdm(desc=f"capture rank {cfg.rank}" if cfg.world_size > 1 else "capture", unit="tok", unit_scale=True,
                total=sum(shard_windows(s) for s in mine) * cfg.seq_len, disable=not cfg.progress)
@@ -145,7 +147,7 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
                     input_ids, labels, loss_mask = make_windows(tokens, b, nb, cfg.seq_len, pad_id)  # (B, T) each
                     ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
                     result = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
-                    rows, stats_ = batch_targets(result.logits, labels, loss_mask, b, spec, device)
+                    rows, stats_ = batch_targets(result.logits, labels, loss_mask, b, capture, device)
                     rows |= {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
                     hidden = {layer: result.hidden_states[layer].half().reshape(nb * cfg.seq_len, -1).cpu().numpy() for layer in layers}
                     writer.put(rows, hidden, stats_)
@@ -159,23 +161,35 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
 
     # --- finish: this rank's marker; the manifest once every shard is present ---------------------------------------
     captured = sum(shard_windows(s) for s in mine) * cfg.seq_len
-    session = {"rank": cfg.rank, "world_size": cfg.world_size, "shards": len(mine), "tokens": captured, "seconds": round(seconds, 3),
-               "tokens_per_second": round(captured / seconds, 1) if seconds > 0 and captured else None, "device": str(device)}
+    session = Session(rank=cfg.rank, world_size=cfg.world_size, shards=len(mine), tokens=captured, seconds=round(seconds, 3),
+                      tokens_per_second=round(captured / seconds, 1) if seconds > 0 and captured else None, device=str(device))
     try:
-        write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}-{os.getpid()}.json", session)
+        write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}-{os.getpid()}.json", session.to_json())
         done = [progress_dir / f"shard-{shard_name(s)}.json" for s in range(n_shards)]
         missing = sum(not p.exists() for p in done)
         if missing:
             print(f"rank {cfg.rank} done; {missing} shard(s) of other ranks still missing, manifest not written yet", file=sys.stderr)
             return {"rank": cfg.rank, "shards": n_shards, "missing": missing}
-        records = [json.loads(p.read_text()) for p in done]
+        records = [ShardRecord.from_json(json.loads(p.read_text())) for p in done]
         sessions = [json.loads(p.read_text()) for p in sorted(progress_dir.glob("rank-*.json"))]
     except FileNotFoundError:
         # another rank finished at the same moment, wrote the manifest and removed _progress
         if (out / MANIFEST).exists():
             return json.loads((out / MANIFEST).read_text())
         raise
-    manifest = build_manifest(cfg, teacher, tokenizer_record(tokenizer), files, meta, settings, schema, spec, records, sessions, out)
+    manifest = Manifest(  # docs/FORMAT.md, "Manifest"; the sections are typed in format/sections.py
+        created_by=CreatedBy(tool="offline-distill", version=TOOL_VERSION, command=cfg.command, sessions=sessions),
+        teacher=teacher,
+        tokenizer=replace(tokenizer_section, files=tokenizer_files(out)),
+        corpus=Corpus(files=[str(f) for f in files][:1000], file_count=len(files), fingerprint=settings["corpus_fingerprint"],
+                      text_column=cfg.text_column, seq_len=cfg.seq_len, documents=meta["documents"],
+                      skipped_files=meta["skipped"], corpus_tokens=meta["tokens"], max_tokens=cfg.max_tokens),
+        capture=capture,
+        settings=settings,
+        schema=schema_description(capture.schema(cfg.seq_len)),
+        shards=records,
+        totals=Totals.of(records),
+    ).to_json()
     write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(progress_dir, ignore_errors=True)
     if exclusive or try_exclusive(lock):
@@ -183,41 +197,7 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     return manifest
 
 
-def capture_spec(cfg: PrecomputeConfig, vocab: int, tok_dtype: str, layers: list[int], widths: dict[int, int]) -> dict:
-    """The manifest's `capture` section: everything a reader needs to decode the shards."""
-    kinds = cfg.target_kinds
-    spec = {
-        "targets": kinds,
-        "top_k": cfg.top_k if "topk" in kinds else 0,
-        "temperature": 1.0,
-        "encoding": cfg.encoding,
-        "compression": cfg.compression,
-        "token_dtype": tok_dtype,
-        "hidden_layers": [{"index": layer, "width": widths[layer], "dtype": "float16"} for layer in layers],
-        "batch_size": cfg.batch_size,
-        "shard_size": cfg.shard_size,
-        "world_size": cfg.world_size,
-    }
-    if "topk" in kinds:
-        spec["logprob_dtype"] = "float16" if cfg.encoding == "exact" else f"uint{cfg.logprob_bits}"
-    if cfg.encoding == "compact":
-        spec["id_bits"] = bits_for(vocab - 1)
-        if "topk" in kinds:
-            spec["logprob_bits"] = cfg.logprob_bits
-    if "sampled" in kinds:
-        spec |= {"samples": cfg.samples, "sample_temperature": cfg.sample_temperature, "seed": cfg.seed,
-                 "count_dtype": "uint8" if cfg.samples <= 255 else "uint16"}
-        if cfg.encoding == "compact":
-            spec["count_bits"] = bits_for(cfg.samples - 1)
-    return spec
-
-
-def shard_schema(spec: dict, seq_len: int):
-    return window_schema(seq_len, spec["token_dtype"], tuple(spec["targets"]), spec["top_k"], spec["encoding"],
-                         spec.get("count_dtype", "uint8"), spec.get("sample_temperature", 1.0) != 1.0)
-
-
-def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_window: int, spec: dict, device) -> tuple[dict, dict]:
+def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_window: int, capture: Capture, device) -> tuple[dict, dict]:
     """Teacher logits (B, T, V) -> the logical arrays of every stored target kind (on host) and per-batch fidelity sums."""
     import torch
 
@@ -226,14 +206,14 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
     labels_t = torch.from_numpy(labels.astype(np.int64)).to(device)
     mask = torch.from_numpy(loss_mask).to(device).bool()  # (B, T)
     n_valid = int(mask.sum())
-    tok = np.dtype(spec["token_dtype"])
-    k = spec["top_k"]
-    bits = spec.get("logprob_bits") if spec["encoding"] == "compact" else None
+    token_type = np.dtype(capture.token_dtype)
+    k = capture.top_k
+    bits = capture.logprob_bits if capture.encoding == "compact" else None
     t = topk_targets(logits, labels_t, k, logprob_bits=bits)
     rows = {"target_logprob": t["target_logprob"].cpu().numpy()}
     stats = {}
     if k:
-        rows["topk_ids"] = t["topk_ids"].to(torch.int32).cpu().numpy().astype(tok)
+        rows["topk_ids"] = t["topk_ids"].to(torch.int32).cpu().numpy().astype(token_type)
         if bits is None:
             rows["topk_logprobs"] = t["topk_logprobs"].half().cpu().numpy()
         else:
@@ -241,25 +221,25 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
         fmask = mask[:, ::FIDELITY_STRIDE]  # recon_kl is measured on a deterministic sample of positions
         stats |= {"topk_mass": (float(t["topk_mass"][mask].sum()), n_valid),
                   "recon_kl": (float(t["recon_kl"][fmask].sum()), int(fmask.sum()))}
-    if "sampled" in spec["targets"]:
-        g = batch_generator(spec["seed"], first_window, device)
-        s = sampled_targets(logits, spec["samples"], spec["sample_temperature"], g)
-        rows |= {"sample_ids": s["sample_ids"].to(torch.int32).cpu().numpy().astype(tok), "sample_counts": s["sample_counts"].cpu().numpy(),
+    if "sampled" in capture.targets:
+        g = batch_generator(capture.seed, first_window, device)
+        s = sampled_targets(logits, capture.samples, capture.sample_temperature, g)
+        rows |= {"sample_ids": s["sample_ids"].to(torch.int32).cpu().numpy().astype(token_type), "sample_counts": s["sample_counts"].cpu().numpy(),
                  "sample_n": s["sample_n"].cpu().numpy(), "sample_logweights": s["sample_logweights"].cpu().numpy()}
         stats |= {"sample_unique": (float(s["sample_n"][mask].sum()), n_valid), "sample_mass": (float(s["sample_mass"][mask].sum()), n_valid),
                   "sample_rkl": (float(s["sample_rkl"][mask].sum()), n_valid)}
     return rows, stats
 
 
-def check_model_settings(cfg: PrecomputeConfig, config, teacher: dict) -> list[int]:
+def check_model_settings(cfg: PrecomputeConfig, config, teacher: Teacher) -> list[int]:
     """Check k, layers and seq-len against the teacher; return the hidden layers as non-negative indices."""
     problems = []
-    if cfg.top_k > teacher["vocab_size"]:
-        problems.append(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher['vocab_size']}); pass at most {teacher['vocab_size']}")
-    limit = teacher["max_position_embeddings"]
+    if cfg.top_k > teacher.vocab_size:
+        problems.append(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); pass at most {teacher.vocab_size}")
+    limit = teacher.max_position_embeddings
     if limit is not None and cfg.seq_len > limit:
         problems.append(f"--seq-len {cfg.seq_len} is above the teacher's maximum positions ({limit}); pass --seq-len {limit} or less")
-    n_states = teacher["num_hidden_layers"] + 1  # hidden_states = embeddings + one per layer
+    n_states = teacher.num_hidden_layers + 1  # hidden_states = embeddings + one per layer
     layers = []
     for layer in cfg.hidden_layers:
         if not -n_states <= layer < n_states:
@@ -342,48 +322,7 @@ def save_tokenizer(tokenizer, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_manifest(cfg, teacher, tok, files, meta, settings, schema, spec, records, sessions, out: Path) -> dict:
-    tokens = sum(r["tokens"] for r in records)
-    valid = sum(r["valid_tokens"] for r in records)
-    size = sum(r["bytes"] for r in records)
-
-    def mean(stat):
-        vals = [(r["stats"].get(stat), r["valid_tokens"]) for r in records if r["stats"].get(stat) is not None]
-        n = sum(w for _, w in vals)
-        return sum(v * w for v, w in vals) / n if n else None
-
-    tok_files = {rel: {"sha256": sha256_file(out / "tokenizer" / rel), "bytes": (out / "tokenizer" / rel).stat().st_size}
-                 for rel in list_files(out / "tokenizer")}
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        # sessions: one entry per process run that captured shards (a resumed capture has several)
-        "created_by": {"tool": "offline-distill", "version": TOOL_VERSION, "command": cfg.command, "sessions": sessions},
-        "teacher": teacher,
-        "tokenizer": tok | {"path": "tokenizer", "files": tok_files},
-        "corpus": {
-            "files": [str(f) for f in files][:1000],
-            "file_count": len(files),
-            "fingerprint": settings["corpus_fingerprint"],
-            "text_column": cfg.text_column,
-            "seq_len": cfg.seq_len,
-            "packing": "documents concatenated with EOS after each; windows of seq_len inputs, labels shifted by one; last window padded",
-            "documents": meta["documents"],
-            "skipped_files": meta["skipped"],
-            "corpus_tokens": meta["tokens"],
-            "max_tokens": cfg.max_tokens,
-        },
-        "capture": spec,
-        "settings": settings,
-        "schema": schema_description(schema),
-        "shards": records,
-        "totals": {
-            "shards": len(records),
-            "windows": sum(r["windows"] for r in records),
-            "tokens": tokens,
-            "valid_tokens": valid,
-            "bytes": size,
-            "bytes_per_token": size / valid if valid else None,
-            **{f"{stat}_mean": mean(stat) for stat in STATS if any(stat in r["stats"] for r in records)},
-        },
-    }
+def tokenizer_files(out: Path) -> dict[str, FileMeta]:
+    """The saved tokenizer folder's files with checksum and size (the manifest's `tokenizer.files`)."""
+    folder = out / "tokenizer"
+    return {rel: FileMeta(sha256=sha256_file(folder / rel), bytes=(folder / rel).stat().st_size) for rel in list_files(folder)}

@@ -14,6 +14,7 @@ import torch
 
 from .causal import require_causal_lm, require_causal_model
 from .errors import UserError, describe
+from .format.sections import Teacher
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -90,21 +91,21 @@ def max_positions(config) -> int | None:
     return None
 
 
-def teacher_record(name: str, revision: str | None, model, dtype: torch.dtype) -> dict:
+def teacher_record(name: str, revision: str | None, model, dtype: torch.dtype) -> Teacher:
     """The manifest's `teacher` section."""
     config = model.config
     text = json.dumps(config.to_diff_dict() if hasattr(config, "to_diff_dict") else config.to_dict(), sort_keys=True, default=str)
     commit = getattr(config, "_commit_hash", None)
-    return {
-        "name_or_path": name,
-        "revision": revision or commit,
-        "model_type": config.model_type,
-        "architectures": getattr(config, "architectures", None),
-        "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "vocab_size": int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else int(config.vocab_size),
-        "num_hidden_layers": int(getattr(config, "num_hidden_layers", 0) or 0),
-        "hidden_size": int(getattr(config, "hidden_size", 0) or 0),
-        "max_position_embeddings": max_positions(config),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-    }
+    return Teacher(
+        name_or_path=name,
+        revision=revision or commit,
+        model_type=config.model_type,
+        architectures=getattr(config, "architectures", None),
+        config_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        dtype=str(dtype).removeprefix("torch."),
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else int(config.vocab_size),
+        num_hidden_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+        hidden_size=int(getattr(config, "hidden_size", 0) or 0),
+        max_position_embeddings=max_positions(config),
+        parameters=int(sum(p.numel() for p in model.parameters())),
+    )

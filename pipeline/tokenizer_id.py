@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .format.sections import Tokenizer
+
 
 def tokenizer_sha256(tokenizer) -> str:
     """sha256 of the tokenizer's serialized form (the fast tokenizer's JSON with its vocabulary, merges and specials).
@@ -22,15 +24,9 @@ def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def tokenizer_record(tokenizer) -> dict:
-    """The manifest's `tokenizer` section."""
+def tokenizer_record(tokenizer) -> Tokenizer:
+    """The manifest's `tokenizer` section (without its files: the precompute adds them once the tokenizer is saved)."""
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    return {
-        "class": type(tokenizer).__name__,
-        "vocab_size": len(tokenizer),
-        "sha256": tokenizer_sha256(tokenizer),
-        "special_tokens": specials,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    return Tokenizer(class_name=type(tokenizer).__name__, vocab_size=len(tokenizer), sha256=tokenizer_sha256(tokenizer),
+                     special_tokens=specials, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)

@@ -82,7 +82,7 @@ def capture(args, split: str, name: str, max_tokens: int, **kw) -> Path:
 
 def capture_seconds(path: Path) -> float:
     """Seconds the teacher spent capturing this dataset (the capture loop of every session, from the manifest)."""
-    return sum(s["seconds"] for s in open_dataset(str(path)).manifest["created_by"]["sessions"])
+    return sum(s["seconds"] for s in open_dataset(str(path)).manifest.created_by.sessions)
 
 
 def all_variants(args) -> dict[str, tuple[str, dict]]:
@@ -140,7 +140,7 @@ def train_one(args, name: str, seed: int, data: Path, flags: dict, heldout: Path
               "step_seconds": args.batch_size * args.seq_len / statistics.median(speeds) if speeds else None,
               "max_grad_norm": max(x["grad_norm"] for x in lines), "final_train_loss": lines[-1]["loss"],
               "bytes_per_token": None if flags.get("online_teacher") else
-              open_dataset(str(data)).manifest["totals"]["bytes_per_token"]}
+              open_dataset(str(data)).manifest.totals.bytes_per_token}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"[bench] {name} seed {seed}: CE {m['ce']:.4f} ({seconds:.0f}s)", file=sys.stderr)
     return result

@@ -174,7 +174,7 @@ class WindowReader(torch.utils.data.IterableDataset):
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
-        shard = Shard(self.ds, self.ds.manifest["shards"][i])  # a fresh view, so closing it frees a remote shard's memory
+        shard = self.ds.open_shard(i)  # a view of its own, so dropping it frees a remote shard's memory
         if self.verify and i not in self._verified:
             # before any batch of this shard is used: its files, then the values a loss relies on (ids below the
             # vocabulary, 0/1 masks, log-probs neither NaN nor above 0, sorted top-k, counts that add up)

@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import FormatError
 from .bitpack import bits_for
 from .files import safe_relpath
-from .schema import FORMAT_NAME, FORMAT_VERSION, schema_description, shard_name, token_dtype, window_schema
+from .schema import FORMAT_NAME, FORMAT_VERSION, schema_description, shard_name, token_dtype
+from .sections import Capture, Manifest, count_dtype, logprob_dtype
 
 TARGET_KINDS = ("topk", "sampled")
 ENCODINGS = ("exact", "compact")
@@ -80,6 +81,12 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def parse_manifest(m, where: str = "manifest.json") -> Manifest:
+    """The manifest's JSON checked whole (`check_manifest`), then typed (format.sections): what every reader uses."""
+    check_manifest(m, where)
+    return Manifest.from_json(m)
+
+
 def check_manifest(m, where: str = "manifest.json") -> None:
     """Raise FormatError (one line, naming `where`) on the first field that is malformed or contradicts another."""
     c = _Checker(where)
@@ -102,16 +109,15 @@ def check_manifest(m, where: str = "manifest.json") -> None:
     T = c.int_(corpus, "seq_len", 1, MAX_SEQ_LEN, "corpus.seq_len")
     _check_teacher(c, teacher, T)
     _check_tokenizer(c, tok, vocab)
-    kinds, spec = _check_capture(c, cap, teacher, vocab)
+    capture = _check_capture(c, cap, teacher, vocab)
     schema = m.get("schema")
     if not isinstance(schema, dict) or not all(isinstance(v, str) for v in schema.values()):
         c.fail(f"`schema` is {_show(schema)}, expected an object of column name -> Arrow type")
-    derived = schema_description(window_schema(T, cap["token_dtype"], kinds, spec["top_k"], cap["encoding"],
-                                               spec["count_dtype"], spec["weights"]))
+    derived = schema_description(capture.schema(T))
     if schema != derived:
         diff = sorted(set(schema.items()) ^ set(derived.items()))[:4]
         c.fail(f"`schema` does not match the columns that `capture` and `corpus.seq_len` define (differences: {diff})")
-    _check_shards(c, m.get("shards"), cap, T, spec, vocab)
+    _check_shards(c, m.get("shards"), cap, T)
     _check_totals(c, m, corpus, T)
     _check_settings(c, m)
 
@@ -155,7 +161,7 @@ def _check_file_meta(c: _Checker, meta, path: str) -> None:
     c.int_(meta, "bytes", 0, MAX_BYTES, f"{path}.bytes")
 
 
-def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> tuple[tuple[str, ...], dict]:
+def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> Capture:
     targets = cap.get("targets")
     if not isinstance(targets, list) or not all(isinstance(t, str) and t in TARGET_KINDS for t in targets) \
             or len(set(targets)) != len(targets):
@@ -169,25 +175,22 @@ def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> tuple[t
     c.equal(cap.get("token_dtype"), token_dtype(vocab), "capture.token_dtype", "`teacher.vocab_size`")
     compact = cap["encoding"] == "compact"
     topk = "topk" in targets
-    k = c.int_(cap, "top_k", 1 if topk else 0, vocab if topk else 0, "capture.top_k")
+    c.int_(cap, "top_k", 1 if topk else 0, vocab if topk else 0, "capture.top_k")
     if topk:
         bits = c.int_(cap, "logprob_bits", 1, 16, "capture.logprob_bits") if compact else None
         if "logprob_dtype" in cap:  # descriptive only: the encoding defines it
-            c.equal(cap["logprob_dtype"], f"uint{bits}" if compact else "float16", "capture.logprob_dtype", "`capture.encoding`")
+            c.equal(cap["logprob_dtype"], logprob_dtype(cap["encoding"], bits), "capture.logprob_dtype", "`capture.encoding`")
     if compact:
         c.equal(cap.get("id_bits"), bits_for(vocab - 1), "capture.id_bits", "`teacher.vocab_size`")
-    count_dtype, weights = "uint8", False
     if "sampled" in targets:
         n = c.int_(cap, "samples", 1, MAX_SAMPLES, "capture.samples")
         tau = cap.get("sample_temperature")
         if type(tau) not in (int, float) or not math.isfinite(tau) or tau <= 0:
             c.fail(f"`capture.sample_temperature` is {_show(tau)}, expected a positive number")
         c.int_(cap, "seed", -(1 << 63), (1 << 64) - 1, "capture.seed", required=False)
-        count_dtype = "uint8" if n <= 255 else "uint16"
-        c.equal(cap.get("count_dtype"), count_dtype, "capture.count_dtype", "`capture.samples`")
+        c.equal(cap.get("count_dtype"), count_dtype(n), "capture.count_dtype", "`capture.samples`")
         if compact:
             c.equal(cap.get("count_bits"), bits_for(n - 1), "capture.count_bits", "`capture.samples`")
-        weights = tau != 1.0
     for key in ("batch_size", "shard_size", "world_size"):
         c.int_(cap, key, 1, MAX_WINDOWS, f"capture.{key}", required=False)
     layers = cap.get("hidden_layers", [])
@@ -208,7 +211,7 @@ def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> tuple[t
         if index in seen:
             c.fail(f"`capture.hidden_layers` names layer {index} twice")
         seen.add(index)
-    return tuple(targets), {"top_k": k, "count_dtype": count_dtype, "weights": weights}
+    return Capture.from_json(cap)
 
 
 def min_arrow_bytes(windows: int, T: int, tok: str) -> int:
@@ -217,7 +220,7 @@ def min_arrow_bytes(windows: int, T: int, tok: str) -> int:
     return windows * (8 + T * (2 * np.dtype(tok).itemsize + 1 + 4))
 
 
-def _check_shards(c: _Checker, shards, cap: dict, T: int, spec: dict, vocab: int) -> None:
+def _check_shards(c: _Checker, shards, cap: dict, T: int) -> None:
     if not isinstance(shards, list) or not shards:
         c.fail(f"`shards` is {_show(shards)}, expected a non-empty list of shard records")
     size = cap.get("shard_size")

@@ -22,8 +22,9 @@ import pyarrow as pa
 from ..errors import FormatError
 from .encode import decode_sampled, decode_topk
 from .files import HASH_BLOCK, check_plain, walk_plain
-from .manifest import check_manifest
+from .manifest import parse_manifest
 from .schema import MANIFEST, SHARDS_DIR, schema_description
+from .sections import Capture, Manifest, ShardRecord
 from .tokenizer_files import check_tokenizer_files
 from .zarr_meta import ALLOWED_ZARR_CODECS, ZARR_V2_FILES, check_array_meta, check_group_meta, zarr_filesystem  # noqa: F401
 
@@ -31,14 +32,15 @@ from .zarr_meta import ALLOWED_ZARR_CODECS, ZARR_V2_FILES, check_array_meta, che
 class Shard:
     """One shard: its manifest record, its columns as numpy views, its hidden states as zarr arrays.
 
-    The record was checked with the whole manifest when the dataset was opened (names, sizes, file list).
+    The record was checked with the whole manifest when the dataset was opened (names, sizes, file list). The Arrow table
+    is read on first use and kept while the view lives (`Dataset.open_shard` gives a view of one's own).
     """
 
-    def __init__(self, dataset: "Dataset", record: dict):
+    def __init__(self, dataset: "Dataset", record: ShardRecord):
         self.dataset, self.record = dataset, record
-        self.name = record["name"]
-        self.windows = int(record["windows"])
-        self.files = record["files"]
+        self.name = record.name
+        self.windows = record.windows
+        self.files = record.files  # relative path -> FileMeta(sha256, bytes)
         self._zarr_checked = False
 
     def __repr__(self) -> str:
@@ -60,7 +62,7 @@ class Shard:
             raise FormatError(f"{self.where(rel)}: listed in the manifest but missing; re-copy the dataset")
         except FormatError as e:
             raise FormatError(f"shard {self.name}: {e}")
-        expected = self.files[rel]["bytes"]
+        expected = self.files[rel].bytes
         if size != expected:
             raise FormatError(f"{self.where(rel)}: has {size} bytes but the manifest says {expected}; the file was altered "
                               "or damaged: re-copy the dataset or rerun precompute")
@@ -83,7 +85,7 @@ class Shard:
             raise FormatError(f"{self.where(rel)}: cannot read it as an Arrow stream ({' '.join(str(e).split())[:200]}); "
                               "the file was altered or damaged: re-copy the dataset")
         found = schema_description(reader.schema)
-        expected = self.dataset.manifest["schema"]
+        expected = self.dataset.manifest.schema
         if found != expected:  # checked before reading any row
             diff = sorted(set(found.items()) ^ set(expected.items()))[:4]
             raise FormatError(f"{self.where(rel)}: columns differ from the manifest schema (differences: {diff}); the "
@@ -167,11 +169,11 @@ class Shard:
                                   "the dataset was altered: re-copy it")
         check_group_meta(self._json(prefix + "zarr.json"), self.where(prefix + "zarr.json"))
         T = self.dataset.seq_len
-        for x in self.dataset.capture.get("hidden_layers", []):
-            rel = f"{prefix}layer_{x['index']}/zarr.json"
+        for x in self.dataset.capture.hidden_layers:
+            rel = f"{prefix}layer_{x.index}/zarr.json"
             if rel not in self.files:
-                raise FormatError(f"shard {self.name}: the manifest lists no {rel} although layer {x['index']} was captured")
-            check_array_meta(self._json(rel), self.where(rel), (self.windows * T, x["width"]))
+                raise FormatError(f"shard {self.name}: the manifest lists no {rel} although layer {x.index} was captured")
+            check_array_meta(self._json(rel), self.where(rel), (self.windows * T, x.width))
         self._zarr_checked = True
 
     def _json(self, rel: str):
@@ -212,9 +214,9 @@ class Shard:
             with self.dataset.fs.open(path, "rb") as f:
                 while block := f.read(HASH_BLOCK):
                     h.update(block)
-            if h.hexdigest() != meta["sha256"]:
+            if h.hexdigest() != meta.sha256:
                 raise FormatError(
-                    f"shard {self.name}: checksum mismatch in {rel} (manifest {meta['sha256'][:12]}…, file {h.hexdigest()[:12]}…); "
+                    f"shard {self.name}: checksum mismatch in {rel} (manifest {meta.sha256[:12]}…, file {h.hexdigest()[:12]}…); "
                     "the file was altered or damaged: re-copy the dataset or rerun precompute"
                 )
 
@@ -250,11 +252,11 @@ class Dataset:
             raise FormatError(f"{where}: cannot read it ({e})")
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         try:
-            self.manifest = json.loads(raw)
+            parsed = json.loads(raw)
         except ValueError as e:
             raise FormatError(f"{where}: not valid JSON ({e}); re-copy the dataset")
-        check_manifest(self.manifest, where)
-        self.shards = [Shard(self, r) for r in self.manifest["shards"]]
+        self.manifest: Manifest = parse_manifest(parsed, where)
+        self.shards = [Shard(self, r) for r in self.manifest.shards]
         starts = np.cumsum([0] + [s.windows for s in self.shards])
         self.window_starts = [int(x) for x in starts[:-1]]  # global index of each shard's first window
         check_tokenizer_files(self)
@@ -263,35 +265,37 @@ class Dataset:
         return f"Dataset({self.url!r}, shards={len(self.shards)}, windows={self.windows})"
 
     @property
-    def capture(self) -> dict:
-        return self.manifest["capture"]
+    def capture(self) -> Capture:
+        return self.manifest.capture
 
     @property
     def seq_len(self) -> int:
-        return int(self.manifest["corpus"]["seq_len"])
+        return self.manifest.corpus.seq_len
 
     @property
     def top_k(self) -> int:
-        return int(self.capture.get("top_k", 0))
+        return self.capture.top_k
 
     @property
     def target_kinds(self) -> list[str]:
-        return list(self.capture.get("targets", []))
+        return list(self.capture.targets)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.manifest["teacher"]["vocab_size"])
+        return self.manifest.teacher.vocab_size
 
     @property
     def hidden_layers(self) -> list[int]:
-        return [int(x["index"]) for x in self.capture.get("hidden_layers", [])]
+        return self.capture.hidden_indices
 
     @property
     def windows(self) -> int:
         return sum(s.windows for s in self.shards)
 
-    def shard(self, i: int) -> Shard:
-        return self.shards[i]
+    def open_shard(self, i: int) -> Shard:
+        """A view of shard i of its own, not `self.shards[i]`: its table (in memory for a remote dataset) is read on
+        first use and freed with the view. For readers that keep only a few shards open at a time."""
+        return Shard(self, self.manifest.shards[i])
 
 
 def open_dataset(url) -> Dataset:

@@ -13,6 +13,7 @@ import json
 
 from ..errors import FormatError
 from .files import HASH_BLOCK, check_plain, walk_plain
+from .sections import Tokenizer
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -41,8 +42,8 @@ def check_tokenizer_files(ds) -> None:
 
     Skipped when the manifest lists no tokenizer files (a hand-made dataset); `verify` requires them.
     """
-    tok = ds.manifest["tokenizer"]
-    listed = tok.get("files")
+    tok = ds.manifest.tokenizer
+    listed = tok.files
     if listed is None:
         return
     folder = f"{ds.root}/{TOKENIZER_DIR}"
@@ -63,16 +64,16 @@ def check_tokenizer_files(ds) -> None:
     for name, meta in sorted(listed.items()):
         path = f"{folder}/{name}"
         size = ds.fs.size(path)
-        if size != meta["bytes"]:
-            _fail(f"{where}/{name}", f"has {size} bytes, the manifest says {meta['bytes']}")
+        if size != meta.bytes:
+            _fail(f"{where}/{name}", f"has {size} bytes, the manifest says {meta.bytes}")
         h, data = hashlib.sha256(), bytearray()
         with ds.fs.open(path, "rb") as f:
             while block := f.read(HASH_BLOCK):
                 h.update(block)
                 if name.endswith(".json"):
                     data += block
-        if h.hexdigest() != meta["sha256"]:
-            _fail(f"{where}/{name}", f"checksum mismatch (manifest {meta['sha256'][:12]}…, file {h.hexdigest()[:12]}…)")
+        if h.hexdigest() != meta.sha256:
+            _fail(f"{where}/{name}", f"checksum mismatch (manifest {meta.sha256[:12]}…, file {h.hexdigest()[:12]}…)")
         if name.endswith(".json"):
             try:
                 contents[name] = json.loads(bytes(data))
@@ -87,11 +88,11 @@ def check_tokenizer_files(ds) -> None:
     if spec is not None:
         text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest != tok["sha256"]:
-            _fail(f"{where}/tokenizer.json", f"hashes to {digest[:12]}… but manifest.json's tokenizer.sha256 is {tok['sha256'][:12]}…")
+        if digest != tok.sha256:
+            _fail(f"{where}/tokenizer.json", f"hashes to {digest[:12]}… but manifest.json's tokenizer.sha256 is {tok.sha256[:12]}…")
         n = tokenizer_vocab_size(spec)
-        if n is not None and tok.get("vocab_size") is not None and n != tok["vocab_size"]:
-            _fail(f"{where}/tokenizer.json", f"holds {n} token ids but manifest.json's tokenizer.vocab_size is {tok['vocab_size']}")
+        if n is not None and tok.vocab_size is not None and n != tok.vocab_size:
+            _fail(f"{where}/tokenizer.json", f"holds {n} token ids but manifest.json's tokenizer.vocab_size is {tok.vocab_size}")
 
 
 def _token_ids(spec) -> dict:
@@ -105,10 +106,10 @@ def _token_ids(spec) -> dict:
     return ids
 
 
-def _check_special_tokens(tok: dict, contents: dict, where: str) -> None:
+def _check_special_tokens(tok: Tokenizer, contents: dict, where: str) -> None:
     """The manifest's special tokens are those of tokenizer_config.json, and their ids those of tokenizer.json."""
     config = contents.get("tokenizer_config.json")
-    specials = tok.get("special_tokens")
+    specials = tok.special_tokens
     if isinstance(config, dict) and isinstance(specials, dict):
         for key, text in specials.items():
             found = config.get(key)
@@ -121,7 +122,7 @@ def _check_special_tokens(tok: dict, contents: dict, where: str) -> None:
         return
     ids = _token_ids(spec)
     for key in ("bos", "eos", "pad"):
-        text, expected = specials.get(f"{key}_token"), tok.get(f"{key}_token_id")
+        text, expected = specials.get(f"{key}_token"), getattr(tok, f"{key}_token_id")
         if isinstance(text, str) and expected is not None and ids.get(text) != expected:
             _fail(f"{where}/tokenizer.json", f"{key} token {text!r} has id {ids.get(text)!r} but manifest.json's "
                   f"tokenizer.{key}_token_id is {expected}")

@@ -64,8 +64,8 @@ def check_values(shard, kinds=None) -> None:
     if mask.size and int(mask.max()) > 1:
         fail("loss_mask", f"value {int(mask.max())} at {_first(mask > 1)}, expected 0 or 1")
     valid = int(mask.sum())
-    if "valid_tokens" in shard.record and valid != shard.record["valid_tokens"]:
-        fail("loss_mask", f"{valid} valid tokens but the manifest says {shard.record['valid_tokens']}")
+    if shard.record.valid_tokens is not None and valid != shard.record.valid_tokens:
+        fail("loss_mask", f"{valid} valid tokens but the manifest says {shard.record.valid_tokens}")
     _logprobs(fail, "target_logprob", col("target_logprob").astype(np.float32))
     for kind in kinds if kinds is not None else ds.target_kinds:
         if kind == "topk":
@@ -87,10 +87,10 @@ def _check_topk(shard, fail) -> None:
     ds, cap, T = shard.dataset, shard.dataset.capture, shard.dataset.seq_len
     K, V = ds.top_k, ds.vocab_size
     slack = 1.0
-    if cap["encoding"] == "compact":
+    if cap.encoding == "compact":
         per_row = np.full(shard.windows, T * K, np.int64)
-        _check_blobs(shard, fail, "topk_ids_packed", per_row, cap["id_bits"])
-        _check_blobs(shard, fail, "topk_logprobs_packed", per_row, cap["logprob_bits"])
+        _check_blobs(shard, fail, "topk_ids_packed", per_row, cap.id_bits)
+        _check_blobs(shard, fail, "topk_logprobs_packed", per_row, cap.logprob_bits)
         hi = shard.column("topk_logprob_hi").astype(np.float32)
         lo = shard.column("topk_logprob_lo").astype(np.float32)
         for name, x in (("topk_logprob_hi", hi), ("topk_logprob_lo", lo)):
@@ -101,10 +101,10 @@ def _check_topk(shard, fail) -> None:
         bad = lo > hi
         if bad.any():
             fail("topk_logprob_lo", f"above topk_logprob_hi at {_first(bad)} (the quantization range is reversed)")
-        slack = np.exp(0.5 * (hi - lo) / ((1 << cap["logprob_bits"]) - 1))  # (W, T): half a quantization step
+        slack = np.exp(0.5 * (hi - lo) / ((1 << cap.logprob_bits) - 1))  # (W, T): half a quantization step
     ids, lp = shard.sparse_targets("topk")  # (W, T, K) each
-    name = "topk_ids" if cap["encoding"] == "exact" else "topk_ids_packed"
-    lp_name = "topk_logprobs" if cap["encoding"] == "exact" else "topk_logprobs_packed"
+    name = "topk_ids" if cap.encoding == "exact" else "topk_ids_packed"
+    lp_name = "topk_logprobs" if cap.encoding == "exact" else "topk_logprobs_packed"
     _ids_in_vocab(fail, name, ids, V)
     _logprobs(fail, lp_name, lp)
     bad = (lp[..., 1:] > lp[..., :-1]).any(-1)
@@ -123,23 +123,23 @@ def _check_topk(shard, fail) -> None:
 
 def _check_sampled(shard, fail) -> None:
     ds, cap = shard.dataset, shard.dataset.capture
-    N, V = cap["samples"], ds.vocab_size
+    N, V = cap.samples, ds.vocab_size
     n = shard.column("sample_n").astype(np.int64)  # (W, T)
     bad = (n < 1) | (n > min(N, V))
     if bad.any():
         fail("sample_n", f"{int(n[bad][0])} unique ids at {_first(bad)}, expected 1..{min(N, V)}")
     per_row = n.sum(1)  # (W,)
-    if cap["encoding"] == "compact":
-        _check_blobs(shard, fail, "sample_ids_packed", per_row, cap["id_bits"])
-        _check_blobs(shard, fail, "sample_counts_packed", per_row, cap["count_bits"])
-        ids = [unpack_bits(b, cap["id_bits"], int(k)) for b, k in zip(shard.column("sample_ids_packed"), per_row)]
-        counts = [unpack_bits(b, cap["count_bits"], int(k)).astype(np.int64) + 1 for b, k in zip(shard.column("sample_counts_packed"), per_row)]
+    if cap.encoding == "compact":
+        _check_blobs(shard, fail, "sample_ids_packed", per_row, cap.id_bits)
+        _check_blobs(shard, fail, "sample_counts_packed", per_row, cap.count_bits)
+        ids = [unpack_bits(b, cap.id_bits, int(k)) for b, k in zip(shard.column("sample_ids_packed"), per_row)]
+        counts = [unpack_bits(b, cap.count_bits, int(k)).astype(np.int64) + 1 for b, k in zip(shard.column("sample_counts_packed"), per_row)]
         names = ("sample_ids_packed", "sample_counts_packed")
     else:
         ids, counts = shard.column("sample_ids"), shard.column("sample_counts")
         names = ("sample_ids", "sample_counts")
     lists = [(names[0], ids), (names[1], counts)]
-    if cap.get("sample_temperature", 1.0) != 1.0:
+    if cap.stores_weights:
         lists.append(("sample_logweights", shard.column("sample_logweights")))
     for name, rows in lists:
         lengths = np.array([len(r) for r in rows], np.int64)

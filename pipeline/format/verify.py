@@ -36,7 +36,7 @@ def verify_shard(ds: Dataset, i: int) -> None:
     T = ds.seq_len
     for layer in ds.hidden_layers:
         arr = shard.hidden(layer)
-        width = next(x["width"] for x in ds.capture["hidden_layers"] if x["index"] == layer)
+        width = ds.capture.hidden_width(layer)
         if arr.shape != (shard.windows * T, width):
             raise FormatError(f"shard {shard.name}: layer {layer} has shape {arr.shape}, expected {(shard.windows * T, width)}")
         for start in range(0, arr.shape[0], 64 * T):  # a few windows at a time: memory stays small
@@ -56,7 +56,7 @@ def verify_dataset(url, progress=None) -> Dataset:
 
     progress: called with each shard once it is verified (e.g. a progress bar's update)."""
     ds = open_dataset(url)
-    if ds.manifest["tokenizer"].get("files") is None:
+    if ds.manifest.tokenizer.files is None:
         raise FormatError(f"{ds.url}/manifest.json: `tokenizer.files` is missing, so the tokenizer cannot be checked; "
                           "the dataset was not written by distill precompute")
     for i in range(len(ds.shards)):

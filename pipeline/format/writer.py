@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from .files import list_files, replace_path, sha256_file, tmp_name
+from .sections import FileMeta, ShardRecord
 from .schema import SHARDS_DIR, shard_name
 
 # Hidden states: one zarr chunk per window keeps partial reads (one window) cheap; one zarr shard per write batch means
@@ -113,7 +114,7 @@ class ShardWriter:
         acc[0] += float(total)
         acc[1] += int(count)
 
-    def finish(self) -> dict:
+    def finish(self) -> ShardRecord:
         """Close the files, rename them to their final names, and return the shard's manifest record."""
         if self._rows == 0:
             raise ValueError(f"shard {self.name}: no rows written")
@@ -134,15 +135,11 @@ class ShardWriter:
         files = dict(sorted(files.items()))
         mask = np.asarray(table.column("loss_mask").combine_chunks().flatten())
         size = sum((self.shards_dir / rel).stat().st_size for rel in files)
-        record = {
-            "name": self.name,
-            "windows": self._rows,
-            "tokens": self._rows * self.seq_len,
-            "valid_tokens": int(mask.sum()),
-            "bytes": int(size),
-            "files": {rel: {"sha256": digest, "bytes": (self.shards_dir / rel).stat().st_size} for rel, digest in files.items()},
-            "stats": {k: (s / c if c else None) for k, (s, c) in sorted(self._stats.items())},
-        }
+        record = ShardRecord(
+            name=self.name, windows=self._rows, tokens=self._rows * self.seq_len, valid_tokens=int(mask.sum()), bytes=int(size),
+            files={rel: FileMeta(sha256=digest, bytes=(self.shards_dir / rel).stat().st_size) for rel, digest in files.items()},
+            stats={k: (s / c if c else None) for k, (s, c) in sorted(self._stats.items())},
+        )
         self._batches = []
         return record
 

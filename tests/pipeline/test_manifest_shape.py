@@ -10,6 +10,7 @@ import json
 import pytest
 
 from pipeline.config import PrecomputeConfig
+from pipeline.format import open_dataset
 from pipeline.precompute import precompute
 
 TEACHER = ["name_or_path", "revision", "model_type", "architectures", "config_sha256", "dtype", "vocab_size",
@@ -98,3 +99,12 @@ def test_manifest_shape(case, tmp_path, teacher_dir, corpus_dir):
     assert list(m["totals"]) == ["shards", "windows", "tokens", "valid_tokens", "bytes", "bytes_per_token"] + [
         f"{s}_mean" for s in ("topk_mass", "recon_kl", "sample_unique", "sample_mass", "sample_rkl") if s in stats]
     assert m["totals"]["windows"] == windows and m["totals"]["valid_tokens"] == 100
+
+    # the reader's typed manifest writes back the same JSON; derived rules agree with the columns on disk
+    ds = open_dataset(out)
+    assert json.dumps(ds.manifest.to_json()) == json.dumps(m)
+    assert ds.capture.stores_weights == ("sample_logweights" in m["schema"])
+    assert ds.capture.schema(16).names == columns
+    # an uncached view of a shard of its own: same rows, its own table
+    view = ds.open_shard(1)
+    assert view is not ds.shards[1] and view.table is not ds.shards[1].table and view.table.equals(ds.shards[1].table)

@@ -89,7 +89,7 @@ def write_fake_dataset(out: Path, shard_sizes: list[int], seq_len: int = 4, voca
         states = {layer: (w.repeat(seq_len)[:, None] + np.zeros((1, width))).astype(np.float16) for layer, width in (hidden or {}).items()}
         with ShardWriter(out, i, schema, n, seq_len, hidden or None) as writer:
             writer.write(rows, states or None)
-            records.append(writer.finish())
+            records.append(writer.finish().to_json())
         start += n
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
