@@ -97,8 +97,8 @@ def train(cfg: TrainConfig) -> dict:
                           hidden_layers=tuple(sorted(set(layer_map.values()))))
     total_steps = cfg.steps or max(1, cfg.epochs * reader.batches_per_epoch // cfg.grad_accum)
     lr_factor = lr_schedule(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)
-    if rank == 0 and warmup_note(cfg.warmup, total_steps) and not cfg.quiet:
-        print(warmup_note(cfg.warmup, total_steps), file=sys.stderr, flush=True)
+    note = warmup_note(cfg.warmup, total_steps) if rank == 0 and not cfg.quiet else None  # said after step 1 (a
+    # refusal at the first batch stays one line)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     keep_at = stable_end(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)  # wsd: a checkpoint kept for extensions
     eval_reader = None
@@ -160,6 +160,9 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if note:
+            print(note, file=sys.stderr, flush=True)
+            note = None
 
         logged = {}
         if step % cfg.log_every == 0 or step == total_steps:

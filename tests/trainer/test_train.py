@@ -115,7 +115,7 @@ def test_trains_from_an_fsspec_url(run_train, dataset_dir):
         final, out = run_train(data="memory:///train-url-test", steps=2)
     finally:
         fs.rm("/train-url-test", recursive=True)
-    assert final["step"] == 2 and (out / "tokenizer.json").exists()  # the tokenizer came from the URL too
+    assert final["step"] == 2 and (out / "model" / "tokenizer.json").exists()  # the tokenizer came from the URL too
 
 
 def test_sampled_targets_in_the_compact_encoding(run_train, tmp_path, teacher_dir, corpus_dir):
@@ -135,7 +135,7 @@ def test_sampled_targets_in_the_compact_encoding(run_train, tmp_path, teacher_di
 
 def test_pretrained_student_folder(run_train, student_dir):
     final, out = run_train(steps=2, student=str(student_dir), student_config=None)
-    assert (out / "tokenizer.json").exists() and final["step"] == 2
+    assert (out / "model" / "tokenizer.json").exists() and final["step"] == 2
 
 
 def test_tied_gpt2_student_resumes_from_an_older_checkpoint(run_train, tmp_path):
