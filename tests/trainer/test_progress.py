@@ -10,7 +10,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 from trainer.cli import train_command
 from trainer.progress import Progress, progress_line
 
@@ -93,3 +93,15 @@ def test_warmup_longer_than_the_run_is_scaled_and_said(tmp_path, run_train, caps
     assert lrs[:3] == pytest.approx([3e-3 * 0.5, 3e-3, 3e-3 * lr_schedule("cosine", 2, 20)(2)])
     assert max(lrs) == pytest.approx(3e-3)
     assert lr_schedule("cosine", 20, 20)(19) == 1.0  # a warmup as long as the run is kept (it reaches the peak)
+
+
+def test_report_to_tensorboard_writes_the_metrics(run_train, dataset_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    final, out = run_train(steps=3, report_to="tensorboard", eval_data=str(dataset_dir), eval_batches=1)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3] and loss[-1].value == pytest.approx(final["loss"], rel=1e-6)
+    assert events.Scalars("eval/ce")[-1].value == pytest.approx(final["eval"]["ce"], rel=1e-6)
