@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The test command: sets up .venv (torch pinned first, so no CUDA build is pulled), installs the project, runs pytest offline.
+# Among the tests, tests/test_install.py builds the wheel, installs it into a fresh virtual environment and runs
+# precompute -> train -> eval from a folder outside the checkout (what `pip install .` gives a new user).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
