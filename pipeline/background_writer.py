@@ -11,7 +11,8 @@ import queue
 import threading
 from pathlib import Path
 
-from .format import PROGRESS_DIR, ShardWriter, shard_name, write_json_atomic
+from .common.files import write_json_atomic
+from .format import PROGRESS_DIR, ShardWriter, shard_name
 from .format.encode import encode_rows
 from .format.sections import Capture
 

@@ -1,4 +1,5 @@
-"""The `distill` command line: a thin layer that parses flags into configs and calls the stage functions.
+"""Stage one's commands (`precompute`, `inspect`, `verify`): a thin layer that parses flags into configs and calls the
+stage functions. The `distill` group that lists them with stage two's lives in `pipeline.common.cli`.
 
 torch and transformers are imported inside the commands, so `distill --help`, `inspect` and `verify` stay light.
 A `UserError` becomes one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
@@ -11,8 +12,9 @@ import sys
 
 import click
 
-from .config import DTYPES, ENCODINGS, TARGETS, PrecomputeConfig, field_help
-from .errors import UserError, run_or_exit
+from .common.cli import field_help
+from .common.errors import UserError, run_or_exit
+from .config import DTYPES, ENCODINGS, TARGETS, PrecomputeConfig
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -23,16 +25,15 @@ def parse_int_list(text: str) -> list[int]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option("0.1.0", prog_name="distill")
-def main():
-    """distill: run a teacher once, store its logits, train many students from them."""
+def commands():
+    """distill stage one: precompute, inspect, verify (`python -m pipeline.cli` runs them without stage two)."""
 
 
 def _h(name):
     return field_help(PrecomputeConfig)[name]
 
 
-@main.command()
+@commands.command()
 @click.option("--teacher", required=True, help=_h("teacher"))
 @click.option("--data", "data", multiple=True, required=True, help=_h("data") + " Repeatable.")
 @click.option("--out", required=True, help=_h("out"))
@@ -106,7 +107,7 @@ def summary(ds) -> dict:
     }
 
 
-@main.command()
+@commands.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(path, as_json):
@@ -132,7 +133,7 @@ def inspect(path, as_json):
     run_or_exit(go)
 
 
-@main.command()
+@commands.command()
 @click.argument("path")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (it is shown only on a terminal).")
 def verify(path, no_progress):
@@ -163,12 +164,5 @@ def verify(path, no_progress):
     run_or_exit(go)
 
 
-# Stage two's commands (trainer/cli.py imports no torch either).
-from trainer.cli import eval_command, train_command  # noqa: E402
-
-main.add_command(train_command, "train")
-main.add_command(eval_command, "eval")
-
-
 if __name__ == "__main__":
-    main()
+    commands()

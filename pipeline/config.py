@@ -5,20 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .errors import UserError
-
-def field_help(cls) -> dict[str, str]:
-    """Field name -> the docstring written under it in a dataclass (the CLI's help text comes from the same words)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            out[node.target.id] = " ".join(str(nxt.value.value).split())
-    return out
-
+from .common.errors import UserError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 TARGETS = ("topk", "sampled", "both")

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UserError, describe
+from .common.errors import UserError, describe
 
 # Extensions read as datasets (rows of a text column); any other file in a folder is one document.
 DATA_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}

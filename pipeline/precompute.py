@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from .config import PrecomputeConfig
-from .errors import UserError
+from .common.errors import UserError
 from .background_writer import BackgroundWriter
-from .identity import path_identity
-from .outdir import lock_folder, lock_rank, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
-from .format import FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name, write_json_atomic
-from .format.files import list_files, remove_temp_files, sha256_file
+from .common.identity import path_identity
+from .common.outdir import lock_folder, lock_rank, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
+from .common.files import list_files, remove_temp_files, write_json_atomic
+from .format import FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name
+from .format.files import sha256_file
 from .format.schema import SHARD_NAME_DIGITS, schema_description
-from .format.sections import Capture, Corpus, CreatedBy, FileMeta, HiddenLayer, Manifest, Session, ShardRecord, Teacher, Tokenizer, Totals
+from .format.sections import Capture, Corpus, CreatedBy, FileMeta, HiddenLayer, Manifest, Session, ShardRecord, Teacher, Totals
 
 TOOL_VERSION = "0.1.0"
 # Capture settings that change shard bytes: a resumed run must match them.
@@ -62,8 +63,9 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     from tqdm import tqdm
 
     from .corpus import CorpusStats, corpus_fingerprint, count_windows, iter_documents, list_data_files, make_windows, tokenize_to_file
-    from .teacher import load_teacher, load_tokenizer, resolve_device, resolve_dtype, teacher_record
-    from .tokenizer_id import tokenizer_record
+    from .common.device import resolve_device, resolve_dtype
+    from .teacher import load_teacher, load_tokenizer, teacher_record
+    from .format.tokenizer_id import tokenizer_record
 
     if not cfg.progress:
         from transformers.utils import logging

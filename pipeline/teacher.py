@@ -12,32 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .causal import require_causal_lm, require_causal_model
-from .errors import UserError, describe
+from .common.causal import max_positions, require_causal_lm, require_causal_model
+from .common.errors import UserError, describe
 from .format.sections import Teacher
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA when available, else CPU. Under torchrun, plain "cuda" (and auto) means this process's GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for CUDA but none is available; pass --device cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, dtype)
 
 
 def looks_local(name: str) -> bool:
@@ -81,14 +58,6 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
     model = model.to(device).eval()
     require_causal_model(model, f"--teacher {name}")  # float32 teachers: also checked by behaviour
     return model
-
-
-def max_positions(config) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def teacher_record(name: str, revision: str | None, model, dtype: torch.dtype) -> Teacher:

@@ -57,7 +57,8 @@ def capture(args, out: Path, **kw) -> dict:
 
 def bare_loops(args, k: int) -> dict:
     """Teacher forward + top-k (and forward alone) over the same windows, without any writing."""
-    from pipeline.teacher import load_teacher, load_tokenizer, resolve_device, resolve_dtype
+    from pipeline.common.device import resolve_device, resolve_dtype
+    from pipeline.teacher import load_teacher, load_tokenizer
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

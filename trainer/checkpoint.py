@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.format.files import remove_temp_files
+from pipeline.common.files import remove_temp_files
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.pt"

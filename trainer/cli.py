@@ -1,7 +1,8 @@
-"""`distill train` and `distill eval`: click commands that parse flags into TrainConfig / EvalConfig and call the stage.
+"""Stage two's commands, `distill train` and `distill eval`: click commands that parse flags into TrainConfig /
+EvalConfig and call the stage.
 
-`pipeline/cli.py` registers `train_command` and `eval_command` on the `distill` group; `python -m trainer.cli` runs them
-without it. Flags and their help come from the config fields (one source for both). torch is imported inside the
+`pipeline.common.cli` lists this module's `commands` group in `distill`; `python -m trainer.cli` runs it alone.
+Flags and their help come from the config fields (pipeline.common.cli.config_options: one source for both). torch is imported inside the
 commands, so `distill --help` stays light. A `UserError` becomes one line on stderr and exit code 2.
 """
 
@@ -9,56 +10,19 @@ from __future__ import annotations
 
 import json
 import sys
-import typing
-from dataclasses import MISSING, fields
+from functools import partial
 
 import click
-from click.core import ParameterSource
 
-from pipeline.errors import UserError, run_or_exit
+from pipeline.common.cli import config_options, given
+from pipeline.common.errors import UserError, run_or_exit
 
-from .config import DTYPES, HIDDEN_LOSSES, LOSS_IMPLS, LOSSES, TAILS, TARGETS, EvalConfig, TrainConfig, field_help, load_config_file
+from .config import DTYPES, HIDDEN_LOSSES, LOSS_IMPLS, LOSSES, TAILS, TARGETS, EvalConfig, TrainConfig, load_config_file
 
-CHOICES = {"loss": LOSSES, "tail": TAILS, "hidden_loss": HIDDEN_LOSSES, "dtype": DTYPES, "loss_impl": LOSS_IMPLS,
-           "targets": TARGETS}
-HIDDEN = {"record_windows", "step_sleep", "command"}  # debugging aids, not shown in --help
-ON_OFF = {"progress"}  # booleans that default to on get --x/--no-x
-NOT_FLAGS = {"command"}
-
-
-def _click_type(cls, f):
-    hint = typing.get_type_hints(cls)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = args[0]
-    if f.name in CHOICES:
-        return click.Choice(CHOICES[f.name])
-    return {int: int, float: float, bool: bool, str: str}.get(base, str)
-
-
-def config_options(cls, required: tuple[str, ...] = ()):
-    """Decorator adding one click option per config field, with the field's docstring as help."""
-    helps = field_help(cls)
-
-    def decorate(fn):
-        for f in reversed([f for f in fields(cls) if f.name not in NOT_FLAGS]):
-            flag = "--" + f.name.replace("_", "-")
-            default = None if f.default is MISSING else f.default
-            kind = _click_type(cls, f)
-            common = dict(help=helps.get(f.name, ""), hidden=f.name in HIDDEN, show_default=default is not None and default is not False)
-            if kind is bool:
-                decls = [f"{flag}/--no-{flag[2:]}"] if f.name in ON_OFF else [flag]
-                fn = click.option(*decls, f.name, is_flag=True, default=bool(default), **common)(fn)
-            else:
-                fn = click.option(flag, f.name, type=kind, default=default, required=f.name in required, **common)(fn)
-        return fn
-
-    return decorate
-
-
-def given(ctx: click.Context, values: dict) -> dict:
-    """The options the user actually typed (defaults left out, so a --config file can supply them)."""
-    return {k: v for k, v in values.items()
-            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)}
+options = partial(config_options, skip=("command",), on_off=("progress",),
+                  hidden=("record_windows", "step_sleep"),  # debugging aids, not shown in --help
+                  choices={"loss": LOSSES, "tail": TAILS, "hidden_loss": HIDDEN_LOSSES, "dtype": DTYPES,
+                           "loss_impl": LOSS_IMPLS, "targets": TARGETS})
 
 
 def build_train_config(config_file: str | None, typed: dict) -> TrainConfig:
@@ -73,7 +37,7 @@ def build_train_config(config_file: str | None, typed: dict) -> TrainConfig:
 @click.command("train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML or JSON file with the same keys as the flags (e.g. batch_size: 16); flags override it.")
-@config_options(TrainConfig)
+@options(TrainConfig)
 @click.pass_context
 def train_command(ctx, config_file, **values):
     """Train a student from a dataset written by `distill precompute` (no teacher needed).
@@ -98,7 +62,7 @@ def train_command(ctx, config_file, **values):
 
 
 @click.command("eval")
-@config_options(EvalConfig, required=("student", "data"))
+@options(EvalConfig, required=("student", "data"))
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 def eval_command(as_json, **values):
     """Evaluate a student on a held-out dataset: CE and perplexity, KL(teacher || student) over the stored buckets,
@@ -128,13 +92,13 @@ def eval_command(as_json, **values):
     run_or_exit(run)
 
 
-@click.group()
-def _main():
-    """distill stage two (standalone entry point: python -m trainer.cli)."""
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def commands():
+    """distill stage two: train, eval (`python -m trainer.cli` runs them without stage one)."""
 
 
-_main.add_command(train_command)
-_main.add_command(eval_command)
+commands.add_command(train_command)
+commands.add_command(eval_command)
 
 if __name__ == "__main__":
-    _main()
+    commands()

@@ -11,8 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
-from pipeline.config import field_help  # noqa: F401  (re-exported for trainer.cli)
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("tail", "renormalize", "uniform")

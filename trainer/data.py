@@ -22,7 +22,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 from pipeline.format import open_dataset
 from pipeline.format.reader import Dataset, Shard
 from pipeline.format.values import check_values

@@ -11,8 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import UserError
-from pipeline.teacher import resolve_device
+from pipeline.common.errors import UserError
+from pipeline.common.device import resolve_device
 
 
 def dist_env() -> tuple[int, int, int]:

@@ -136,7 +136,7 @@ def evaluate_batches(model, batches, device: torch.device, amp_dtype: torch.dtyp
 
 def evaluate(cfg: EvalConfig) -> dict:
     """`distill eval`: metrics of a student on a held-out dataset (refusing one it cannot be compared on)."""
-    from pipeline.errors import UserError
+    from pipeline.common.errors import UserError
     from pipeline.format import open_dataset
 
     from .model_card import model_folder

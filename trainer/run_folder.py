@@ -7,9 +7,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.errors import UserError, describe, os_problem
-from pipeline.identity import path_identity
-from pipeline.outdir import TEMP_MARK, lock_folder, make_out_folder, refuse_links, remove_leftovers
+from pipeline.common.errors import UserError, describe, os_problem
+from pipeline.common.identity import path_identity
+from pipeline.common.outdir import TEMP_MARK, lock_folder, make_out_folder, refuse_links, remove_leftovers
 
 from .checkpoint import CHECKPOINTS, list_checkpoints
 from .config import TrainConfig

@@ -15,11 +15,11 @@ import tempfile
 import torch
 from torch import nn
 
-from pipeline.causal import require_causal_lm, require_causal_model
-from pipeline.errors import UserError, describe
+from pipeline.common.causal import require_causal_lm, require_causal_model
+from pipeline.common.errors import UserError, describe
 from pipeline.format.reader import Dataset
-from pipeline.teacher import max_positions
-from pipeline.tokenizer_id import tokenizer_sha256
+from pipeline.common.causal import max_positions
+from pipeline.format.tokenizer_id import tokenizer_sha256
 
 from . import losses
 from .config import TrainConfig

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.format import open_dataset, write_json_atomic
-from pipeline.outdir import unlock_folder
+from pipeline.common.errors import UserError
+from pipeline.common.files import write_json_atomic
+from pipeline.format import open_dataset
+from pipeline.common.outdir import unlock_folder
 
 from . import losses
 from .checkpoint import (CHECKPOINTS, checkpoint_dir, list_checkpoints, load_state, rng_state, save_checkpoint,

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from ..errors import FormatError
+from ..common.errors import FormatError
 from .bitpack import bits_for
 from .files import safe_relpath
 from .schema import FORMAT_NAME, FORMAT_VERSION, schema_description, shard_name, token_dtype

@@ -19,9 +19,10 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from ..errors import FormatError
+from ..common.errors import FormatError
 from .encode import decode_sampled, decode_topk
-from .files import HASH_BLOCK, check_plain, walk_plain
+from ..common.files import check_plain, walk_plain
+from .files import HASH_BLOCK
 from .manifest import parse_manifest
 from .schema import MANIFEST, SHARDS_DIR, schema_description
 from .sections import Capture, Manifest, ShardRecord

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..errors import FormatError
-from .files import HASH_BLOCK, check_plain, walk_plain
+from ..common.errors import FormatError
+from ..common.files import check_plain, walk_plain
+from .files import HASH_BLOCK
 from .sections import Tokenizer
 
 TOKENIZER_DIR = "tokenizer"

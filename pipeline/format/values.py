@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..errors import FormatError
+from ..common.errors import FormatError
 from .bitpack import unpack_bits
 
 # float16 rounding of stored log-probs may lift a top-k mass a little above 1; a real teacher never goes further.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import FormatError
+from ..common.errors import FormatError
 from .reader import Dataset, open_dataset
 from .values import check_layout, check_values
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .files import list_files, replace_path, sha256_file, tmp_name
+from ..common.files import list_files, replace_path, tmp_name
+from .files import sha256_file
 from .sections import FileMeta, ShardRecord
 from .schema import SHARDS_DIR, shard_name
 

@@ -7,7 +7,7 @@ writer (pipeline/format/writer.py) produces: Zarr v3, float16, a regular chunk g
 
 from __future__ import annotations
 
-from ..errors import FormatError
+from ..common.errors import FormatError
 
 # Codecs a hidden-state array may use. Anything else (e.g. a pickle-based numcodecs codec) is refused unread.
 ALLOWED_ZARR_CODECS = {"bytes", "zstd", "sharding_indexed", "crc32c", "transpose", "gzip", "blosc"}

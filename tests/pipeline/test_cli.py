@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from pipeline.common.cli import main
 
 
 def invoke(*args):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from pipeline.common.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +431,7 @@ def variants(obj):
 def test_no_manifest_or_zarr_value_causes_a_traceback(base):
     """Every value of manifest.json and of a layer's zarr.json replaced by each odd value: the checks either accept it
     or raise FormatError, never another exception (which the CLI would print as a traceback)."""
-    from pipeline.errors import FormatError
+    from pipeline.common.errors import FormatError
     from pipeline.format.manifest import check_manifest
     from pipeline.format.zarr_meta import check_array_meta
 

@@ -144,7 +144,7 @@ def test_verify_catches_a_crafted_compact_blob(pair, tmp_path):
 
     import pyarrow as pa
 
-    from pipeline.errors import FormatError
+    from pipeline.common.errors import FormatError
 
     ds = tmp_path / "ds"
     shutil.copytree(pair[1], ds)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from pipeline.common.cli import main
 from tests.pipeline.test_cli import assert_user_error, base, invoke
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def test_bert_teacher_is_refused_naming_it(tmp_path, bert_dir, corpus_dir):
 
 
 def test_bert_with_is_decoder_is_accepted(tmp_path, bert_dir):
-    from pipeline.causal import causal_lm_problem
+    from pipeline.common.causal import causal_lm_problem
     from transformers import BertConfig, LlamaConfig, T5Config
 
     assert causal_lm_problem(BertConfig(is_decoder=True)) is None
@@ -113,12 +113,12 @@ def test_second_writer_is_refused_and_a_killed_writer_leaves_no_stale_lock(tmp_p
 
 
 def test_ranks_share_the_lock_but_a_run_without_rank_excludes_them(tmp_path):
-    from pipeline.errors import UserError
-    from pipeline.outdir import lock_folder, unlock_folder
+    from pipeline.common.errors import UserError
+    from pipeline.common.outdir import lock_folder, unlock_folder
 
     out = tmp_path / "o"
     out.mkdir()
-    code = ("import sys, time; from pathlib import Path; from pipeline.outdir import lock_folder; "
+    code = ("import sys, time; from pathlib import Path; from pipeline.common.outdir import lock_folder; "
             "lock_folder(Path(sys.argv[1]), shared=sys.argv[2] == 'shared'); print('locked', flush=True); time.sleep(60)")
     for mode, others_ok in (("shared", True), ("exclusive", False)):
         holder = subprocess.Popen([sys.executable, "-c", code, str(out), mode], env=env(), stdout=subprocess.PIPE, text=True)
@@ -240,7 +240,7 @@ def test_zero_byte_jsonl(tmp_path, teacher_dir):
 
 
 def test_describe_never_raises():
-    from pipeline.errors import describe
+    from pipeline.common.errors import describe
 
     class Broken(Exception):
         def __str__(self):
@@ -320,7 +320,7 @@ def test_resume_into_a_folder_whose_shards_is_a_symlink_is_refused(tmp_path, tea
 def test_path_identity_follows_contents_not_spelling(tmp_path, teacher_dir, monkeypatch):
     import shutil
 
-    from pipeline.identity import path_identity
+    from pipeline.common.identity import path_identity
 
     copy = tmp_path / "t"
     shutil.copytree(teacher_dir, copy)
@@ -343,7 +343,7 @@ def test_behavioural_check_catches_a_model_that_sees_the_future():
     import torch
     from transformers import AutoModelForCausalLM, BertConfig, LlamaConfig
 
-    from pipeline.causal import sees_the_future
+    from pipeline.common.causal import sees_the_future
 
     torch.manual_seed(0)
     small = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -356,12 +356,12 @@ def test_behavioural_check_catches_a_model_that_sees_the_future():
 
 
 def test_the_same_rank_cannot_run_twice(tmp_path):
-    from pipeline.errors import UserError
-    from pipeline.outdir import lock_rank, unlock_folder
+    from pipeline.common.errors import UserError
+    from pipeline.common.outdir import lock_rank, unlock_folder
 
     progress = tmp_path / "o" / "_progress"
     progress.mkdir(parents=True)
-    code = ("import sys, time; from pathlib import Path; from pipeline.outdir import lock_rank; "
+    code = ("import sys, time; from pathlib import Path; from pipeline.common.outdir import lock_rank; "
             "lock_rank(Path(sys.argv[1]), 0, 2); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(progress)], env=env(), stdout=subprocess.PIPE, text=True)
     try:

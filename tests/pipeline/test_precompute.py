@@ -107,7 +107,7 @@ def test_shards_open_with_datasets(dataset):
 def test_verify_catches_a_flipped_byte(dataset, tmp_path):
     import shutil
 
-    from pipeline.errors import FormatError
+    from pipeline.common.errors import FormatError
 
     verify_dataset(dataset)
     copy = tmp_path / "copy"

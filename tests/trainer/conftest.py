@@ -70,7 +70,8 @@ def write_fake_dataset(out: Path, shard_sizes: list[int], seq_len: int = 4, voca
                        hidden: dict[int, int] | None = None) -> Path:
     """A dataset written with the real ShardWriter but without a teacher: window w holds token ids derived from w,
     so tests can tell windows apart. Tokens and targets are arbitrary; only the layout is real."""
-    from pipeline.format import FORMAT_NAME, FORMAT_VERSION, ShardWriter, token_dtype, window_schema, write_json_atomic
+    from pipeline.common.files import write_json_atomic
+    from pipeline.format import FORMAT_NAME, FORMAT_VERSION, ShardWriter, token_dtype, window_schema
     from pipeline.format.schema import schema_description
 
     tok = token_dtype(vocab)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import FormatError, UserError
+from pipeline.common.errors import FormatError, UserError
 from pipeline.format import open_dataset
 from trainer.data import IGNORE_INDEX, WindowReader, check_batch, epoch_order, make_loader
 
@@ -200,7 +200,7 @@ def test_a_flipped_tokenizer_byte_stops_train_before_step_1(dataset_dir, tmp_pat
         WindowReader(copy, 4)
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.common.cli import main
 
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["train", "--data", str(copy), "--student-config", str(student_config), "--out", str(out),
@@ -262,7 +262,7 @@ def test_train_refuses_nan_log_probs_before_step_1_in_one_line(dataset_dir, tmp_
     shard file and column (the KD term is never silently zeroed)."""
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.common.cli import main
     from tests.pipeline.test_crafted_datasets import replace_column, rewrite_shard, set_at
 
     copy = crafted_copy(dataset_dir, tmp_path)

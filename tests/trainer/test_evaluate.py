@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 from pipeline.format import open_dataset
 from trainer.config import EvalConfig
 from trainer.evaluate import add_sums, evaluate, finish_metrics, metric_sums

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 from tests.trainer.test_train import cli_args, subprocess_env
 from trainer.cli import eval_command, train_command
 

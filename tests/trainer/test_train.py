@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import FormatError, UserError
+from pipeline.common.errors import FormatError, UserError
 from pipeline.format import open_dataset
-from pipeline.tokenizer_id import tokenizer_sha256
+from pipeline.format.tokenizer_id import tokenizer_sha256
 
 from .conftest import WINDOWS, student_config_dict
 
