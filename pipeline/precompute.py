@@ -77,17 +77,17 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code)
-    teacher = teacher_record(cfg.teacher, cfg.revision, model, dtype)
-    layers = check_model_settings(cfg, model.config, teacher)
+    teacher_section = teacher_record(cfg.teacher, cfg.revision, model, dtype)  # the manifest's record; `model` runs
+    layers = check_model_settings(cfg, model.config, teacher_section)
     tokenizer_section = tokenizer_record(tokenizer)
 
     # --- output folder: settings, resume, refusal ------------------------------------------------------------------
     settings = {
         "format_version": FORMAT_VERSION,
-        "teacher": teacher.name_or_path,
-        "teacher_identity": path_identity(cfg.teacher, teacher.revision),
-        "teacher_config_sha256": teacher.config_sha256,
-        "teacher_dtype": teacher.dtype,
+        "teacher": teacher_section.name_or_path,
+        "teacher_identity": path_identity(cfg.teacher, teacher_section.revision),
+        "teacher_config_sha256": teacher_section.config_sha256,
+        "teacher_dtype": teacher_section.dtype,
         "tokenizer_sha256": tokenizer_section.sha256,
         "corpus_fingerprint": corpus_fingerprint(files),
         "text_column": cfg.text_column,
@@ -95,8 +95,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
         "max_tokens": cfg.max_tokens,
     }
     capture = Capture.build(targets=cfg.target_kinds, top_k=cfg.top_k, encoding=cfg.encoding, logprob_bits=cfg.logprob_bits,
-                            compression=cfg.compression, vocab_size=teacher.vocab_size,
-                            hidden_layers=[HiddenLayer(index=layer, width=teacher.hidden_size) for layer in layers],
+                            compression=cfg.compression, vocab_size=teacher_section.vocab_size,
+                            hidden_layers=[HiddenLayer(index=layer, width=teacher_section.hidden_size) for layer in layers],
                             samples=cfg.samples, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
                             batch_size=cfg.batch_size, shard_size=cfg.shard_size, world_size=cfg.world_size)
     recorded = capture.to_json()
@@ -116,16 +116,16 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
 
     # --- tokens: one pass over the corpus into a flat file (shared by resume and every rank) -------------------------
     tokens_path, tokens_meta = progress_dir / "tokens.bin", progress_dir / "tokens.json"
-    stats = CorpusStats()
+    corpus_stats = CorpusStats()
     if not tokens_meta.exists():
         bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not cfg.progress, total=cfg.max_tokens)
-        n = tokenize_to_file(iter_documents(files, cfg.text_column, stats), tokenizer, tokenizer.eos_token_id, tokens_path, tok_dtype, cfg.max_tokens, progress=bar.update)
+        n = tokenize_to_file(iter_documents(files, cfg.text_column, corpus_stats), tokenizer, tokenizer.eos_token_id, tokens_path, tok_dtype, cfg.max_tokens, progress=bar.update)
         bar.close()
-        if stats.skipped:
-            print(f"skipped {stats.skipped} undecodable file(s) (not UTF-8), e.g. {', '.join(stats.skipped_examples)}", file=sys.stderr)
+        if corpus_stats.skipped:
+            print(f"skipped {corpus_stats.skipped} undecodable file(s) (not UTF-8), e.g. {', '.join(corpus_stats.skipped_examples)}", file=sys.stderr)
         if n < 2:
             raise UserError(f"--data {' '.join(cfg.data)}: the corpus is empty (no text found); check the paths and --text-column")
-        write_json_atomic(tokens_meta, {"tokens": n, "documents": stats.documents, "skipped": stats.skipped})
+        write_json_atomic(tokens_meta, {"tokens": n, "documents": corpus_stats.documents, "skipped": corpus_stats.skipped})
     meta = json.loads(tokens_meta.read_text())
     tokens = np.memmap(tokens_path, dtype=tok_dtype, mode="r")  # (N,)
     n_windows = count_windows(meta["tokens"], cfg.seq_len)
@@ -149,10 +149,10 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
                     input_ids, labels, loss_mask = make_windows(tokens, b, nb, cfg.seq_len, pad_id)  # (B, T) each
                     ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
                     result = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
-                    rows, stats_ = batch_targets(result.logits, labels, loss_mask, b, capture, device)
+                    rows, fidelity = batch_targets(result.logits, labels, loss_mask, b, capture, device)
                     rows |= {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
                     hidden = {layer: result.hidden_states[layer].half().reshape(nb * cfg.seq_len, -1).cpu().numpy() for layer in layers}
-                    writer.put(rows, hidden, stats_)
+                    writer.put(rows, hidden, fidelity)
                     bar.update(nb * cfg.seq_len)
                 writer.close_shard()
         writer.join()
@@ -181,7 +181,7 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
         raise
     manifest = Manifest(  # docs/FORMAT.md, "Manifest"; the sections are typed in format/sections.py
         created_by=CreatedBy(tool="offline-distill", version=TOOL_VERSION, command=cfg.command, sessions=sessions),
-        teacher=teacher,
+        teacher=teacher_section,
         tokenizer=replace(tokenizer_section, files=tokenizer_files(out)),
         corpus=Corpus(files=[str(f) for f in files][:1000], file_count=len(files), fingerprint=settings["corpus_fingerprint"],
                       text_column=cfg.text_column, seq_len=cfg.seq_len, documents=meta["documents"],
@@ -213,7 +213,7 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
     bits = capture.logprob_bits if capture.encoding == "compact" else None
     t = topk_targets(logits, labels_t, k, logprob_bits=bits)
     rows = {"target_logprob": t["target_logprob"].cpu().numpy()}
-    stats = {}
+    fidelity = {}
     if k:
         rows["topk_ids"] = t["topk_ids"].to(torch.int32).cpu().numpy().astype(token_type)
         if bits is None:
@@ -221,16 +221,16 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
         else:
             rows |= {name: t[name].cpu().numpy() for name in ("topk_q", "topk_hi", "topk_lo")}
         fmask = mask[:, ::FIDELITY_STRIDE]  # recon_kl is measured on a deterministic sample of positions
-        stats |= {"topk_mass": (float(t["topk_mass"][mask].sum()), n_valid),
+        fidelity |= {"topk_mass": (float(t["topk_mass"][mask].sum()), n_valid),
                   "recon_kl": (float(t["recon_kl"][fmask].sum()), int(fmask.sum()))}
     if "sampled" in capture.targets:
         g = batch_generator(capture.seed, first_window, device)
         s = sampled_targets(logits, capture.samples, capture.sample_temperature, g)
         rows |= {"sample_ids": s["sample_ids"].to(torch.int32).cpu().numpy().astype(token_type), "sample_counts": s["sample_counts"].cpu().numpy(),
                  "sample_n": s["sample_n"].cpu().numpy(), "sample_logweights": s["sample_logweights"].cpu().numpy()}
-        stats |= {"sample_unique": (float(s["sample_n"][mask].sum()), n_valid), "sample_mass": (float(s["sample_mass"][mask].sum()), n_valid),
+        fidelity |= {"sample_unique": (float(s["sample_n"][mask].sum()), n_valid), "sample_mass": (float(s["sample_mass"][mask].sum()), n_valid),
                   "sample_rkl": (float(s["sample_rkl"][mask].sum()), n_valid)}
-    return rows, stats
+    return rows, fidelity
 
 
 def check_model_settings(cfg: PrecomputeConfig, config, teacher: Teacher) -> list[int]:

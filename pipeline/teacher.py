@@ -27,12 +27,12 @@ def load_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
     if looks_local(name) and not Path(name).expanduser().exists():
         raise UserError(f"--teacher {name}: no such folder; pass a local model folder or a hub id")
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"--teacher {name}: cannot load its tokenizer ({describe(e)})")
-    if tok.eos_token_id is None:
+    if tokenizer.eos_token_id is None:
         raise UserError(f"--teacher {name}: its tokenizer has no EOS token, needed between documents; set eos_token in its tokenizer_config.json")
-    return tok
+    return tokenizer
 
 
 def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool):

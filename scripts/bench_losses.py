@@ -122,7 +122,9 @@ def _child(case: dict) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from trainer.losses import LossConfig, fused_distill_loss, plain_distill_loss
+    from trainer.losses.config import LossConfig
+    from trainer.losses.fused import fused_distill_loss
+    from trainer.losses.plain import plain_distill_loss
 
     if case["threads"] > 0:
         torch.set_num_threads(case["threads"])

@@ -17,11 +17,12 @@ import click
 from pipeline.common.cli import config_options, given
 from pipeline.common.errors import UserError, run_or_exit
 
-from .config import DTYPES, HIDDEN_LOSSES, LOSS_IMPLS, LOSSES, TAILS, TARGETS, EvalConfig, TrainConfig, load_config_file
+from .config import DTYPES, LOSS_IMPLS, TARGETS, EvalConfig, TrainConfig, load_config_file
+from .losses.config import HIDDEN_LOSS_KINDS, LOSS_KINDS, TAIL_MODES, LossConfig
 
-options = partial(config_options, skip=("command",), on_off=("progress",),
+options = partial(config_options, skip=("command",), on_off=("progress",), help_from=(LossConfig,),
                   hidden=("record_windows", "step_sleep"),  # debugging aids, not shown in --help
-                  choices={"loss": LOSSES, "tail": TAILS, "hidden_loss": HIDDEN_LOSSES, "dtype": DTYPES,
+                  choices={"loss": LOSS_KINDS, "tail": TAIL_MODES, "hidden_loss": HIDDEN_LOSS_KINDS, "dtype": DTYPES,
                            "loss_impl": LOSS_IMPLS, "targets": TARGETS})
 
 

@@ -13,9 +13,8 @@ from functools import lru_cache
 
 from pipeline.common.errors import UserError
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd")
-TAILS = ("tail", "renormalize", "uniform")
-HIDDEN_LOSSES = ("mse", "cosine")
+from .losses.config import HIDDEN_LOSS_KINDS, LOSS_KINDS, TAIL_MODES, LossConfig
+
 DTYPES = ("auto", "bfloat16", "float32")
 LOSS_IMPLS = ("fused", "plain")
 TARGETS = ("auto", "topk", "sampled")
@@ -39,16 +38,15 @@ class TrainConfig:
     """Baseline: run this teacher at every step and distill from its full-vocabulary logits instead of the stored ones."""
     targets: str = "auto"
     """Stored teacher targets to distill from: topk, sampled, or auto (the dataset's first stored kind)."""
-    loss: str = "forward_kl"
-    """Distillation divergence: forward_kl, reverse_kl or jsd."""
-    tail: str = "renormalize"
-    """How the teacher mass outside the stored top-k is treated: tail (one extra bucket), renormalize or uniform."""
-    alpha: float = 0.5
-    """Weight of the cross-entropy on the real next token; the distillation term gets 1 - alpha (1 = CE only)."""
+    # The loss settings (loss, tail, alpha, temperature, beta, chunk_size) are LossConfig's: same names and defaults,
+    # and their help text is the docstring under each field of trainer/losses/config.py (one definition).
+    loss: str = LossConfig.loss
+    tail: str = LossConfig.tail
+    alpha: float = LossConfig.alpha
     ce_only: bool = False
     """CE-only baseline on the same data order: same as --alpha 1."""
-    temperature: float = 1.0
-    """Softening temperature of both distributions in the distillation term (the term is scaled by T^2)."""
+    temperature: float = LossConfig.temperature
+    beta: float = LossConfig.beta
     hidden_weight: float = 0.0
     """Weight of the hidden-state loss (0 = off). Needs a dataset captured with --hidden-layers."""
     hidden_map: str | None = None
@@ -101,8 +99,7 @@ class TrainConfig:
     """Write a metrics.jsonl line (and refresh the progress bar) every this many steps."""
     loss_impl: str = "fused"
     """fused: chunked loss from the last hidden state, never building full logits; plain: full logits (for checking)."""
-    chunk_size: int = 1024
-    """Positions per chunk in the fused loss and in evaluation (bounds the memory of the logits)."""
+    chunk_size: int = LossConfig.chunk_size
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
@@ -118,8 +115,8 @@ class TrainConfig:
     """Also send the metrics to tensorboard (OUT/tensorboard), mlflow or wandb, when that package is installed; none = only
     metrics.jsonl."""
     threads: int = 1
-    """CPU threads for the student's math when training on the CPU (default 1: on a shared 2-core machine a tiny student
-    trained ~30x faster with 1 thread than with 2; on a machine of your own, try the number of free cores)."""
+    """CPU threads for the student's math when training on the CPU (default 1: on a busy shared 2-core machine a tiny
+    student trained 10x or more faster with 1 thread than with 2; on a machine of your own, try the free cores)."""
     record_windows: bool = False
     """Debug: record the window_index of every sample each step in metrics.jsonl (all ranks gathered)."""
     step_sleep: float = 0.0
@@ -138,7 +135,7 @@ class TrainConfig:
             problems.append("give exactly one of --student PATH_OR_HUB_ID and --student-config CONFIG.json")
         if self.steps is not None and self.epochs is not None:
             problems.append("give --steps or --epochs, not both")
-        for name, choices in (("loss", LOSSES), ("tail", TAILS), ("hidden_loss", HIDDEN_LOSSES), ("dtype", DTYPES),
+        for name, choices in (("loss", LOSS_KINDS), ("tail", TAIL_MODES), ("hidden_loss", HIDDEN_LOSS_KINDS), ("dtype", DTYPES),
                               ("loss_impl", LOSS_IMPLS), ("targets", TARGETS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 problems.append(f"--{_flag(name)} is {getattr(self, name)!r}; expected one of {', '.join(choices)}")
@@ -146,6 +143,8 @@ class TrainConfig:
             problems.append(f"--alpha is {self.alpha}; expected a value in [0, 1]")
         if self.temperature <= 0:
             problems.append(f"--temperature is {self.temperature}; expected a positive value")
+        if not 0.0 < self.beta < 1.0:
+            problems.append(f"--beta is {self.beta}; expected a value strictly between 0 and 1 (the JSD mixture weight)")
         for name in ("hidden_weight", "weight_decay", "max_grad_norm", "step_sleep"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} is {getattr(self, name)}; expected 0 or more")

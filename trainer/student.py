@@ -21,7 +21,9 @@ from pipeline.format.reader import Dataset
 from pipeline.common.causal import max_positions
 from pipeline.format.tokenizer_id import tokenizer_sha256
 
-from . import losses
+from .losses.fused import fused_distill_loss
+from .losses.hidden import default_layer_map, hidden_state_loss, parse_layer_map
+from .losses.plain import plain_distill_loss
 from .config import TrainConfig
 
 # Config attributes that make logits differ from `hidden @ W.T + b` (Gemma 2, Cohere, Granite, ...).
@@ -150,7 +152,7 @@ def resolve_layer_map(cfg: TrainConfig, model, ds: Dataset) -> tuple[dict[int, i
         return {}, ["--hidden-weight needs hidden states but the dataset has none; rerun precompute with --hidden-layers, "
                     "or pass --hidden-weight 0"]
     try:
-        layer_map = losses.parse_layer_map(cfg.hidden_map) if cfg.hidden_map else losses.default_layer_map(n_student, n_teacher)
+        layer_map = parse_layer_map(cfg.hidden_map) if cfg.hidden_map else default_layer_map(n_student, n_teacher)
     except ValueError as e:
         return {}, [f"--hidden-map: {e}"]
     if not cfg.hidden_map and not set(layer_map.values()) <= set(stored):
@@ -205,16 +207,16 @@ class DistillStep(nn.Module):
         with torch.autocast(input_ids.device.type, enabled=False):
             if self.fused:
                 emb = self.model.get_output_embeddings()
-                res = losses.fused_distill_loss(out.last_hidden_state.flatten(0, 1), emb.weight, labels.flatten(),
+                res = fused_distill_loss(out.last_hidden_state.flatten(0, 1), emb.weight, labels.flatten(),
                                                 self.loss_cfg, bias=emb.bias, **targets)
             else:
-                res = losses.plain_distill_loss(out.logits.flatten(0, 1), labels.flatten(), self.loss_cfg, **targets)
+                res = plain_distill_loss(out.logits.flatten(0, 1), labels.flatten(), self.loss_cfg, **targets)
         loss, hidden_part = res.loss, torch.zeros((), device=input_ids.device)
         if need_hiddens:
             student_h = {s: out.hidden_states[s].flatten(0, 1) for s in self.layer_map}  # (N, d_s)
             teacher_h = {t: hidden[t].flatten(0, 1) for t in self.layer_map.values()}  # (N, d_t)
             mask = (labels != self.loss_cfg.ignore_index).flatten()  # (N,)
-            hidden_part = losses.hidden_state_loss(student_h, teacher_h, self.projections, mask, kind=self.hidden_loss,
+            hidden_part = hidden_state_loss(student_h, teacher_h, self.projections, mask, kind=self.hidden_loss,
                                                    layer_map=self.layer_map)
             loss = loss + self.hidden_weight * hidden_part
         return {"loss": loss, "ce": res.ce, "kd": res.kd, "hidden": hidden_part.detach(),

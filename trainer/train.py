@@ -26,7 +26,8 @@ from pipeline.common.files import write_json_atomic
 from pipeline.format import open_dataset
 from pipeline.common.outdir import unlock_folder
 
-from . import losses
+from .losses.config import LossConfig
+from .losses.hidden import make_projections
 from .checkpoint import (CHECKPOINTS, checkpoint_dir, list_checkpoints, load_state, rng_state, save_checkpoint,
                          seed_everything, set_rng_state)
 from .config import TrainConfig, effective_warmup, steps_extensible, trajectory_diff, warmup_note
@@ -67,32 +68,34 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model, tokenizer = load_student(cfg, ds)
     problems = compatibility_problems(model, tokenizer, ds)
-    layer_map, more = resolve_layer_map(cfg, model, ds)
-    targets, more2 = target_kind(cfg, ds)
-    problems += more + more2
+    layer_map, layer_problems = resolve_layer_map(cfg, model, ds)
+    targets, target_problems = target_kind(cfg, ds)
+    problems += layer_problems + target_problems
     if eval_ds is not None:
         problems += [f"--eval-data: {p}" for p in compatibility_problems(model, tokenizer, eval_ds)]
-    teacher = None
+    online_teacher = None  # a model run at every step (--online-teacher); the dataset's teacher is only a record
     if cfg.online_teacher:
-        teacher, more = load_online_teacher(cfg.online_teacher, ds, device, amp_dtype, cfg.trust_remote_code)
-        problems += more
+        online_teacher, teacher_problems = load_online_teacher(cfg.online_teacher, ds, device, amp_dtype, cfg.trust_remote_code)
+        problems += teacher_problems
     broadcast_error(problems)
     fused = cfg.loss_impl == "fused" and fused_blocker(model) is None
 
     # --- model, losses, optimizer, schedule --------------------------------------------------------------------------
     seed_everything(cfg.seed)  # same projection init on every rank
     d_teacher = next((x.width for x in ds.capture.hidden_layers if x.index in layer_map.values()), 0)
-    projections = losses.make_projections(layer_map, model.config.hidden_size, d_teacher) if layer_map else nn.ModuleDict()
+    projections = make_projections(layer_map, model.config.hidden_size, d_teacher) if layer_map else nn.ModuleDict()
     model.to(device).train()
     projections.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_cfg = losses.LossConfig(loss=cfg.loss, tail=cfg.tail, alpha=cfg.alpha, temperature=cfg.temperature,
-                                 chunk_size=cfg.chunk_size)
+    # loss = alpha * CE + (1 - alpha) * T^2 * KD(teacher, student) [+ hidden_weight * hidden loss]; KD = --loss over the
+    # buckets of --tail (trainer/losses), in float32, averaged over the positions that have a next token
+    loss_cfg = LossConfig(loss=cfg.loss, tail=cfg.tail, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta,
+                          chunk_size=cfg.chunk_size)
     step_fn = DistillStep(model, projections, loss_cfg, layer_map, cfg.hidden_weight, cfg.hidden_loss, fused)
-    ddp = step_fn
+    run_step = step_fn  # what the loop calls: the step itself, or its DistributedDataParallel wrapper on several ranks
     if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
+        run_step = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(step_fn, cfg, device)
     reader = WindowReader(ds, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, targets=targets,
                           hidden_layers=tuple(sorted(set(layer_map.values()))))
@@ -142,12 +145,12 @@ def train(cfg: TrainConfig) -> dict:
                 del loader  # stop the workers now, not when the traceback is collected
                 raise batch["error"]
             inputs = model_inputs(batch, device)
-            if teacher is not None:
-                inputs["teacher_logits"] = online_teacher_logits(teacher, inputs["input_ids"], amp_dtype)  # (B, T, V)
-            sync = ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+            if online_teacher is not None:
+                inputs["teacher_logits"] = online_teacher_logits(online_teacher, inputs["input_ids"], amp_dtype)  # (B, T, V)
+            sync = run_step.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 with autocast():
-                    res = ddp(**inputs)
+                    res = run_step(**inputs)
                 (res["loss"] / cfg.grad_accum).backward()
             reader.advance(batch)
             n = res["n_tokens"].double()

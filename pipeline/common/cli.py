@@ -42,14 +42,16 @@ def _click_type(cls, f, choices: dict):
 
 def config_options(cls, *, required: tuple[str, ...] = (), choices: dict | None = None, hidden: tuple[str, ...] = (),
                    on_off: tuple[str, ...] = (), skip: tuple[str, ...] = (), types: dict | None = None,
-                   extra_help: dict | None = None):
+                   extra_help: dict | None = None, help_from: tuple = ()):
     """Decorator adding one click option per field of the config dataclass `cls` (in field order).
 
-    help: the field's docstring (+ `extra_help[name]`); default: the field's default (shown unless None/False).
+    help: the field's docstring, or that of the same field in one of the `help_from` dataclasses (+ `extra_help[name]`);
+    default: the field's default (shown unless None/False).
     choices: field -> allowed values; hidden: fields left out of --help; on_off: booleans that default to on and get
     --x/--no-x; skip: fields that are not flags; types: field -> click type overriding the annotation's.
     """
-    helps, choices, types, extra_help = field_help(cls), choices or {}, types or {}, extra_help or {}
+    helps = {k: v for other in help_from for k, v in field_help(other).items()} | field_help(cls)
+    choices, types, extra_help = choices or {}, types or {}, extra_help or {}
 
     def decorate(fn):
         for f in reversed([f for f in fields(cls) if f.name not in skip]):

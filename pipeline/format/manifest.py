@@ -100,7 +100,7 @@ def check_manifest(m, where: str = "manifest.json") -> None:
     if version > FORMAT_VERSION:
         raise FormatError(f"{where}: dataset format version {version} is newer than this distill understands "
                           f"({FORMAT_VERSION}); upgrade offline-distill")
-    teacher, tok, corpus, cap = (c.section(m, k) for k in ("teacher", "tokenizer", "corpus", "capture"))
+    teacher, tokenizer, corpus, cap = (c.section(m, k) for k in ("teacher", "tokenizer", "corpus", "capture"))
     if "created_by" in m:
         made = c.section(m, "created_by")
         if not isinstance(made.get("command", []), (list, type(None))) or not isinstance(made.get("sessions", []), list):
@@ -108,7 +108,7 @@ def check_manifest(m, where: str = "manifest.json") -> None:
     vocab = c.int_(teacher, "vocab_size", 1, MAX_VOCAB, "teacher.vocab_size")
     T = c.int_(corpus, "seq_len", 1, MAX_SEQ_LEN, "corpus.seq_len")
     _check_teacher(c, teacher, T)
-    _check_tokenizer(c, tok, vocab)
+    _check_tokenizer(c, tokenizer, vocab)
     capture = _check_capture(c, cap, teacher, vocab)
     schema = m.get("schema")
     if not isinstance(schema, dict) or not all(isinstance(v, str) for v in schema.values()):
@@ -134,20 +134,20 @@ def _check_teacher(c: _Checker, teacher: dict, T: int) -> None:
         c.fail(f"`teacher.dtype` is {_show(dtype)}, expected float32, float16 or bfloat16")
 
 
-def _check_tokenizer(c: _Checker, tok: dict, vocab: int) -> None:
-    sha = tok.get("sha256")
+def _check_tokenizer(c: _Checker, section: dict, vocab: int) -> None:
+    sha = section.get("sha256")
     if not isinstance(sha, str) or not _HEX64.match(sha):
         c.fail(f"`tokenizer.sha256` is {_show(sha)}, expected 64 lowercase hex digits")
-    n = c.int_(tok, "vocab_size", 1, MAX_VOCAB, "tokenizer.vocab_size", required=False)
+    n = c.int_(section, "vocab_size", 1, MAX_VOCAB, "tokenizer.vocab_size", required=False)
     if n is not None and n > vocab:
         c.fail(f"`tokenizer.vocab_size` {n} is larger than `teacher.vocab_size` {vocab}: the teacher cannot score every token")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        c.int_(tok, key, 0, (n or vocab) - 1, f"tokenizer.{key}", required=False, null_ok=True)
-    files = tok.get("files")
+        c.int_(section, key, 0, (n or vocab) - 1, f"tokenizer.{key}", required=False, null_ok=True)
+    files = section.get("files")
     if files is None:
         return
-    if tok.get("path", "tokenizer") != "tokenizer":
-        c.fail(f"`tokenizer.path` is {_show(tok.get('path'))}, expected 'tokenizer'")
+    if section.get("path", "tokenizer") != "tokenizer":
+        c.fail(f"`tokenizer.path` is {_show(section.get('path'))}, expected 'tokenizer'")
     if not isinstance(files, dict) or not files:
         c.fail(f"`tokenizer.files` is {_show(files)}, expected an object of file name -> sha256 and bytes")
     for name, meta in files.items():
@@ -214,10 +214,10 @@ def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> Capture
     return Capture.from_json(cap)
 
 
-def min_arrow_bytes(windows: int, T: int, tok: str) -> int:
+def min_arrow_bytes(windows: int, T: int, token_type: str) -> int:
     """A lower bound of an uncompressed shard's Arrow file size: window_index, input_ids, labels, loss_mask and
     target_logprob are stored raw (every other column only adds)."""
-    return windows * (8 + T * (2 * np.dtype(tok).itemsize + 1 + 4))
+    return windows * (8 + T * (2 * np.dtype(token_type).itemsize + 1 + 4))
 
 
 def _check_shards(c: _Checker, shards, cap: dict, T: int) -> None:

@@ -45,19 +45,19 @@ def window_schema(
     position: `sample_n` gives the count per position and the ids/counts of all positions are concatenated in one list.
     The compact encoding replaces id and log-prob lists by bit-packed binary blobs, one per window.
     """
-    tok = pa.from_numpy_dtype(np.dtype(token_type))
+    id_type = pa.from_numpy_dtype(np.dtype(token_type))
     per_pos = lambda t: pa.list_(t, seq_len)  # noqa: E731
     fields = [
         pa.field("window_index", pa.int64()),  # global position of the window in the packed corpus
-        pa.field("input_ids", per_pos(tok)),
-        pa.field("labels", per_pos(tok)),  # next token at each position (meaningful where loss_mask == 1)
+        pa.field("input_ids", per_pos(id_type)),
+        pa.field("labels", per_pos(id_type)),  # next token at each position (meaningful where loss_mask == 1)
         pa.field("loss_mask", per_pos(pa.uint8())),  # 1 where a next token exists; 0 for padding and the corpus end
         pa.field("target_logprob", per_pos(pa.float32())),  # teacher log p(labels[t] | prefix)
     ]
     if "topk" in targets:
         if encoding == "exact":
             fields += [
-                pa.field("topk_ids", per_pos(pa.list_(tok, top_k))),  # sorted by probability, highest first
+                pa.field("topk_ids", per_pos(pa.list_(id_type, top_k))),  # sorted by probability, highest first
                 pa.field("topk_logprobs", per_pos(pa.list_(pa.float16(), top_k))),
             ]
         else:
@@ -71,7 +71,7 @@ def window_schema(
         cnt = pa.from_numpy_dtype(np.dtype(count_type))
         fields.append(pa.field("sample_n", per_pos(cnt)))  # unique ids drawn at each position
         if encoding == "exact":
-            fields += [pa.field("sample_ids", pa.list_(tok)), pa.field("sample_counts", pa.list_(cnt))]
+            fields += [pa.field("sample_ids", pa.list_(id_type)), pa.field("sample_counts", pa.list_(cnt))]
         else:
             fields += [pa.field("sample_ids_packed", pa.binary()), pa.field("sample_counts_packed", pa.binary())]
         if sample_weights:

@@ -24,9 +24,9 @@ def _fail(where: str, msg: str):
                       "`distill precompute`")
 
 
-def tokenizer_vocab_size(spec: dict) -> int | None:
+def tokenizer_vocab_size(parsed: dict) -> int | None:
     """Number of ids of a `tokenizer.json` (model vocabulary plus added tokens), as `len(tokenizer)` counts them."""
-    model = spec.get("model") if isinstance(spec, dict) else None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
     vocab = model.get("vocab") if isinstance(model, dict) else None
     if isinstance(vocab, dict):
         ids = {v for v in vocab.values() if type(v) is int}
@@ -34,7 +34,7 @@ def tokenizer_vocab_size(spec: dict) -> int | None:
         ids = set(range(len(vocab)))
     else:
         return None
-    ids |= {t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict) and type(t.get("id")) is int}
+    ids |= {t.get("id") for t in parsed.get("added_tokens") or [] if isinstance(t, dict) and type(t.get("id")) is int}
     return len(ids)
 
 
@@ -43,8 +43,8 @@ def check_tokenizer_files(ds) -> None:
 
     Skipped when the manifest lists no tokenizer files (a hand-made dataset); `verify` requires them.
     """
-    tok = ds.manifest.tokenizer
-    listed = tok.files
+    recorded = ds.manifest.tokenizer
+    listed = recorded.files
     if listed is None:
         return
     folder = f"{ds.root}/{TOKENIZER_DIR}"
@@ -80,37 +80,37 @@ def check_tokenizer_files(ds) -> None:
                 contents[name] = json.loads(bytes(data))
             except ValueError as e:
                 _fail(f"{where}/{name}", f"is not valid JSON ({e})")
-    for name, spec in contents.items():
-        if isinstance(spec, dict) and "auto_map" in spec:
-            _fail(f"{where}/{name}", f"asks for remote code (auto_map {json.dumps(spec['auto_map'])[:80]}); distill never "
+    for name, parsed in contents.items():
+        if isinstance(parsed, dict) and "auto_map" in parsed:
+            _fail(f"{where}/{name}", f"asks for remote code (auto_map {json.dumps(parsed['auto_map'])[:80]}); distill never "
                   "runs code that comes with a dataset")
-    _check_special_tokens(tok, contents, where)
-    spec = contents.get("tokenizer.json")
-    if spec is not None:
-        text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+    _check_special_tokens(recorded, contents, where)
+    parsed = contents.get("tokenizer.json")
+    if parsed is not None:
+        text = json.dumps(parsed, sort_keys=True, ensure_ascii=False)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest != tok.sha256:
-            _fail(f"{where}/tokenizer.json", f"hashes to {digest[:12]}… but manifest.json's tokenizer.sha256 is {tok.sha256[:12]}…")
-        n = tokenizer_vocab_size(spec)
-        if n is not None and tok.vocab_size is not None and n != tok.vocab_size:
-            _fail(f"{where}/tokenizer.json", f"holds {n} token ids but manifest.json's tokenizer.vocab_size is {tok.vocab_size}")
+        if digest != recorded.sha256:
+            _fail(f"{where}/tokenizer.json", f"hashes to {digest[:12]}… but manifest.json's tokenizer.sha256 is {recorded.sha256[:12]}…")
+        n = tokenizer_vocab_size(parsed)
+        if n is not None and recorded.vocab_size is not None and n != recorded.vocab_size:
+            _fail(f"{where}/tokenizer.json", f"holds {n} token ids but manifest.json's tokenizer.vocab_size is {recorded.vocab_size}")
 
 
-def _token_ids(spec) -> dict:
+def _token_ids(parsed) -> dict:
     """token text -> id from a tokenizer.json (vocabulary and added tokens)."""
-    model = spec.get("model") if isinstance(spec, dict) else None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
     vocab = model.get("vocab") if isinstance(model, dict) else None
     ids = dict(vocab) if isinstance(vocab, dict) else {}
-    for t in (spec.get("added_tokens") or []) if isinstance(spec, dict) else []:
+    for t in (parsed.get("added_tokens") or []) if isinstance(parsed, dict) else []:
         if isinstance(t, dict) and isinstance(t.get("content"), str):
             ids[t["content"]] = t.get("id")
     return ids
 
 
-def _check_special_tokens(tok: Tokenizer, contents: dict, where: str) -> None:
+def _check_special_tokens(recorded: Tokenizer, contents: dict, where: str) -> None:
     """The manifest's special tokens are those of tokenizer_config.json, and their ids those of tokenizer.json."""
     config = contents.get("tokenizer_config.json")
-    specials = tok.special_tokens
+    specials = recorded.special_tokens
     if isinstance(config, dict) and isinstance(specials, dict):
         for key, text in specials.items():
             found = config.get(key)
@@ -118,12 +118,12 @@ def _check_special_tokens(tok: Tokenizer, contents: dict, where: str) -> None:
             if key in ("bos_token", "eos_token", "pad_token", "unk_token") and found != text:
                 _fail(f"{where}/tokenizer_config.json", f"{key} is {found!r} but manifest.json's tokenizer.special_tokens "
                       f"says {text!r}")
-    spec = contents.get("tokenizer.json")
-    if spec is None or not isinstance(specials, dict):
+    parsed = contents.get("tokenizer.json")
+    if parsed is None or not isinstance(specials, dict):
         return
-    ids = _token_ids(spec)
+    ids = _token_ids(parsed)
     for key in ("bos", "eos", "pad"):
-        text, expected = specials.get(f"{key}_token"), getattr(tok, f"{key}_token_id")
+        text, expected = specials.get(f"{key}_token"), getattr(recorded, f"{key}_token_id")
         if isinstance(text, str) and expected is not None and ids.get(text) != expected:
             _fail(f"{where}/tokenizer.json", f"{key} token {text!r} has id {ids.get(text)!r} but manifest.json's "
                   f"tokenizer.{key}_token_id is {expected}")

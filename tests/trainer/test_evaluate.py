@@ -105,3 +105,26 @@ def test_eval_refuses_an_incompatible_student(tmp_path, dataset_dir):
     AutoModelForCausalLM.from_config(LlamaConfig(**student_config_dict(vocab=300))).save_pretrained(str(tmp_path / "s"))
     with pytest.raises(UserError, match="vocab size 300 differs from the teacher's 320"):
         evaluate(EvalConfig(student=str(tmp_path / "s"), data=str(dataset_dir), device="cpu"))
+
+
+@pytest.mark.parametrize("k, padded", [(1, False), (5, False), (5, True), (40, False)])
+def test_eval_kl_equals_the_loss_library(k, padded):
+    """`distill eval`'s KL over the stored buckets is the loss library's forward KL with the tail bucket (T = 1), on
+    random students and teachers: top-k (k = vocab included: no tail) and sampled-style rows with padded slots."""
+    from trainer.losses.config import LossConfig
+    from trainer.losses.plain import plain_distill_loss
+
+    g = torch.Generator().manual_seed(k + padded)
+    N, V = 24, 40
+    logits = torch.randn(N, V, generator=g) * 3
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::5] = -100
+    teacher = torch.log_softmax(torch.randn(N, V, generator=g) * 3, -1)
+    lp, ids = teacher.topk(k, dim=-1)  # (N, k) exact head log-probs, most probable first
+    if padded:  # sampled rows store fewer distinct ids than slots: padded slots are -inf
+        lp[:, 3:] = float("-inf")
+    m = finish_metrics(metric_sums(logits, labels, ids, lp))
+    cfg = LossConfig(loss="forward_kl", tail="tail", alpha=0.0, temperature=1.0)
+    kd = plain_distill_loss(logits, labels, cfg, teacher_ids=ids, teacher_logprobs=lp).kd
+    assert m["kl"] == pytest.approx(float(kd), rel=1e-4, abs=1e-6)
+    assert m["kl"] > 0.01  # a real divergence, not two zeros

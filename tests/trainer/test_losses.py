@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trainer.losses import (LossConfig, default_layer_map, fused_distill_loss, hidden_state_loss, log_norm_from_partitions,
-                            make_projections, parse_layer_map, plain_distill_loss, tempered_log_norm,
-                            tempered_teacher_logprobs)
+from trainer.losses.buckets import log_norm_from_partitions, tempered_log_norm, tempered_teacher_logprobs
+from trainer.losses.config import LOSS_KINDS, TAIL_MODES, LossConfig
+from trainer.losses.fused import fused_distill_loss
+from trainer.losses.hidden import default_layer_map, hidden_state_loss, make_projections, parse_layer_map
+from trainer.losses.plain import plain_distill_loss
 
-KINDS = ("forward_kl", "reverse_kl", "jsd")
-TAILS = ("tail", "renormalize", "uniform")
+KINDS, TAILS = LOSS_KINDS, TAIL_MODES
 MODES = TAILS + ("dense",)  # "dense" = full-vocab teacher logits (online teacher)
 
 

@@ -1,4 +1,7 @@
-"""Configuration and result of the distillation losses. Imports no torch: the trainer's config and the CLI read it."""
+"""Configuration and result of the distillation losses, and the allowed values of each choice (defined here only).
+
+Imports no torch: `trainer.config` takes the loss settings from here (same names, defaults and help text) for the CLI.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ if TYPE_CHECKING:
 
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
 TAIL_MODES = ("tail", "renormalize", "uniform")
+HIDDEN_LOSS_KINDS = ("mse", "cosine")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-HIDDEN_LOSS_KINDS = ("mse", "cosine")
+from .config import HIDDEN_LOSS_KINDS
 
 
 def default_layer_map(n_student_layers: int, n_teacher_layers: int) -> dict[int, int]:
