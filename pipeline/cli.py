@@ -164,5 +164,50 @@ def verify(path, no_progress):
     run_or_exit(go)
 
 
+@commands.command("export")
+@click.argument("dataset")
+@click.option("--to", "to", required=True, type=click.Choice(["axolotl"]), help="The other trainer's format.")
+@click.option("--out", required=True, help="A new or empty folder for the exported rows (parquet) and their README.")
+@click.option("--logprobs", default="renormalized", show_default=True, type=click.Choice(["renormalized", "full"]),
+              help="renormalized: over the stored top-k at --temperature, what axolotl's v2 loader makes; full: the "
+                   "stored full-vocabulary log-probs as they are (lossless).")
+@click.option("--temperature", default=1.0, show_default=True, type=float,
+              help="Rescale the renormalized top-k to this temperature (set axolotl's kd_temperature to the same).")
+def export_(dataset, to, out, logprobs, temperature):
+    """Write a dataset's top-k targets for another trainer (axolotl's KD plugin: pre-tokenized parquet rows)."""
+
+    def go():
+        from .interop_axolotl import export_axolotl
+
+        s = export_axolotl(dataset, out, logprobs=logprobs, temperature=temperature)
+        click.echo(f"wrote {s['out']}: {s['rows']} rows of {s['tokens_per_row']} tokens, top-{s['top_k']}, {s['files']} parquet file(s)")
+
+    run_or_exit(go)
+
+
+@commands.command("import")
+@click.argument("source")
+@click.option("--from", "from_", required=True, type=click.Choice(["axolotl"]), help="The other trainer's format.")
+@click.option("--tokenizer", required=True, help="The tokenizer whose ids the rows hold (a folder with tokenizer.json).")
+@click.option("--out", required=True, help="A new or empty folder for the distill dataset.")
+@click.option("--seq-len", default=None, type=int, help="Window length (default: the longest row minus one).")
+@click.option("--shard-size", default=None, type=int, help="Windows per shard (default: the exported dataset's, else 256).")
+@click.option("--teacher", default=None, help="The teacher's name to record (default: from the export's "
+              "distill_export.json, else unknown).")
+def import_(source, from_, tokenizer, out, seq_len, shard_size, teacher):
+    """Turn another trainer's logit rows into a distill dataset (manifest, checksums, tokenizer) for `distill train`."""
+
+    def go():
+        from .interop_axolotl import import_axolotl
+
+        m = import_axolotl(source, out, tokenizer, seq_len=seq_len, shard_size=shard_size, teacher=teacher,
+                           command=["distill"] + sys.argv[1:])
+        t = m["totals"]
+        click.echo(f"wrote {out}: {t['shards']} shards, {t['windows']} windows of {m['corpus']['seq_len']} tokens, "
+                   f"top-{m['capture']['top_k']}")
+
+    run_or_exit(go)
+
+
 if __name__ == "__main__":
     commands()
