@@ -25,8 +25,9 @@ class BackgroundWriter:
     The queue holds at most WRITE_QUEUE_BATCHES batches; a writer error is re-raised in the main thread at the next put.
     """
 
-    def __init__(self, out: Path, capture: Capture, seq_len: int):
+    def __init__(self, out: Path, capture: Capture, seq_len: int, on_shard=None):
         self.out, self.capture, self.seq_len = out, capture, seq_len
+        self.on_shard = on_shard  # on_shard(out, marker, files): after a shard's marker (uploads to a bucket)
         self.schema = capture.schema(seq_len)
         self.widths = {x.index: x.width for x in capture.hidden_layers}
         self.q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
@@ -79,7 +80,10 @@ class BackgroundWriter:
                         writer.add_stat(name, total, count)
                 elif item[0] == "close":
                     record = writer.finish()
-                    write_json_atomic(self.out / PROGRESS_DIR / f"shard-{shard_name(current)}.json", record.to_json())
+                    marker = self.out / PROGRESS_DIR / f"shard-{shard_name(current)}.json"
+                    write_json_atomic(marker, record.to_json())
+                    if self.on_shard:
+                        self.on_shard(self.out, marker, list(record.files))
                     writer = None
         except BaseException as e:  # surfaced in the main thread
             self.error = e

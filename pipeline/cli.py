@@ -57,19 +57,22 @@ def _h(name):
 @click.option("--world-size", default=None, type=int, help=_h("world_size"))
 @click.option("--revision", default=None, help=_h("revision"))
 @click.option("--trust-remote-code", is_flag=True, help=_h("trust_remote_code"))
+@click.option("--storage-options", default=None, help=_h("storage_options"))
+@click.option("--stage-dir", default=None, help=_h("stage_dir"))
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def precompute(hidden_layers, no_progress, data, **kw):
     """Run a teacher over a corpus once and write its top-k log-probs (and hidden states) as a dataset."""
 
     def go():
+        from .format.remote import redact, redact_command
         from .precompute import precompute as run
 
         cfg = PrecomputeConfig(data=list(data), hidden_layers=parse_int_list(hidden_layers), progress=not no_progress,
-                               command=["distill"] + sys.argv[1:], **kw)
+                               command=redact_command(["distill"] + sys.argv[1:]), **kw)
         manifest = run(cfg)
         if "totals" in manifest:
             t = manifest["totals"]
-            click.echo(f"wrote {kw['out']}: {t['shards']} shards, {t['tokens']} tokens, {t['bytes_per_token']:.1f} bytes/token")
+            click.echo(f"wrote {redact(kw['out'])}: {t['shards']} shards, {t['tokens']} tokens, {t['bytes_per_token']:.1f} bytes/token")
 
     run_or_exit(go)
 
@@ -110,14 +113,17 @@ def summary(ds) -> dict:
 @commands.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(path, as_json):
+@click.option("--storage-options", default=None, help=_h("storage_options"))
+def inspect(path, as_json, storage_options):
     """Summarize a dataset: teacher, tokenizer, tokens, shards, k, layers, bytes per token, fidelity."""
 
     def go():
         from .format import open_dataset
         from .format.verify import check_structure
 
-        ds = open_dataset(path)
+        from .format.remote import parse_storage_options
+
+        ds = open_dataset(path, parse_storage_options(storage_options))
         check_structure(ds)  # cheap: no rows are read (`verify` reads them)
         s = summary(ds)
         if as_json:
@@ -136,7 +142,12 @@ def inspect(path, as_json):
 @commands.command()
 @click.argument("path")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (it is shown only on a terminal).")
-def verify(path, no_progress):
+@click.option("--storage-options", default=None, help=_h("storage_options"))
+@click.option("--cache-dir", default=None, help="Local folder for the shards of a remote dataset (default "
+              "$XDG_CACHE_HOME/distill/shards); each is checked against its checksums on arrival.")
+@click.option("--cache-gb", default=None, type=float, help="Size limit of --cache-dir in GB (default 20); least "
+              "recently used shards not in use are deleted to stay under it.")
+def verify(path, no_progress, storage_options, cache_dir, cache_gb):
     """Check everything a dataset can be checked against (exit 0 when sound): the manifest against itself, the
     tokenizer files, every checksum, schemas, every column's values and the Zarr metadata (docs/FORMAT.md, "Verify")."""
 
@@ -155,13 +166,17 @@ def verify(path, no_progress):
             bar.update(shard.windows)
 
         try:
-            ds = verify_dataset(path, progress=progress)
+            from .format.remote import parse_storage_options
+
+            ds = verify_dataset(path, progress=progress, storage_options=parse_storage_options(storage_options),
+                                cache_dir=cache_dir, cache_gb=cache_gb)
         finally:
             if bar is not None:
                 bar.close()
         click.echo(f"ok: {len(ds.shards)} shards, {ds.windows} windows verified")
 
     run_or_exit(go)
+
 
 
 @commands.command("export")

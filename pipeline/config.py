@@ -61,6 +61,12 @@ class PrecomputeConfig:
     """Allow model/tokenizer code from the teacher's repository to run. Only for teachers you trust."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the teacher."""
+    storage_options: str | None = None
+    """JSON object of extra fsspec filesystem arguments for a URL --out (e.g. '{"profile": "team"}'); credentials
+    otherwise come from the standard places (AWS_* variables, ~/.aws, AWS_ENDPOINT_URL). Never recorded."""
+    stage_dir: str | None = None
+    """Local folder where the shards of a URL --out are written before upload, one sub-folder per rank (default
+    $XDG_CACHE_HOME/distill/stage); each is removed once the dataset is complete in the bucket."""
     progress: bool = True
     """Show progress bars."""
     command: list[str] | None = None
@@ -102,6 +108,10 @@ class PrecomputeConfig:
             problems.append(f"--dtype is {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             problems.append(f"--rank {self.rank} --world-size {self.world_size}: expected 0 <= rank < world size")
+        if self.storage_options:
+            from .format.remote import parse_storage_options
+
+            parse_storage_options(self.storage_options)  # refused here, before the teacher loads
         if problems:
             raise UserError("; ".join(problems))
         return self

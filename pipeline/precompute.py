@@ -24,6 +24,7 @@ from .background_writer import BackgroundWriter
 from .common.identity import path_identity
 from .common.outdir import lock_folder, lock_rank, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
 from .common.files import list_files, remove_temp_files, write_json_atomic
+from .format.remote import RemoteOutput, is_url, parse_storage_options, redact
 from .format import FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name
 from .format.files import sha256_file
 from .format.schema import SHARD_NAME_DIGITS, schema_description
@@ -43,22 +44,31 @@ def precompute(cfg: PrecomputeConfig) -> dict:
 
     The output folder is locked for the whole run (shared by the ranks of one capture, exclusive otherwise)."""
     cfg.resolve()
-    out = Path(cfg.out)
+    remote = None
+    if is_url(cfg.out):  # a bucket: this rank captures into a local staging folder and uploads (format/remote.py)
+        remote = RemoteOutput(cfg.out, parse_storage_options(cfg.storage_options), cfg.stage_dir, cfg.rank, cfg.world_size)
+    out = remote.stage if remote else Path(cfg.out)
     created = not out.exists() and not out.is_symlink()
     make_out_folder(out)
     hint = "" if cfg.world_size > 1 else "; processes of one capture each pass --rank and --world-size"
     held = [lock_folder(out, shared=cfg.world_size > 1, hint=hint)]
     try:
-        return _precompute(cfg, out, held)
+        return _precompute(cfg, out, held, remote)
+    except UserError as e:
+        if remote is None:
+            raise
+        raise UserError(str(e).replace(str(out), redact(cfg.out))) from None  # name the bucket, not the staging folder
     finally:
         # refused before writing anything: leave no empty folder behind (unless another rank is using it)
         if created and out.is_dir() and not any(out.iterdir()) and (cfg.world_size == 1 or try_exclusive(held[0])):
             out.rmdir()
         for fd in held:
             unlock_folder(fd)
+        if remote:
+            remote.close()
 
 
-def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
+def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -103,11 +113,13 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     settings |= {k: recorded[k] for k in SETTINGS_FROM_CAPTURE if k in recorded}
     tok_dtype = capture.token_dtype
     exclusive, lock = cfg.world_size == 1, held[0]
+    if remote:
+        remote.pull(out)  # the bucket's manifest, settings and shard markers, as if they were local
     existing = prepare_output(out, settings, cfg.rank, cfg.world_size, exclusive)
     if existing is not None:
         if not exclusive and try_exclusive(lock):  # no other rank left: this one may remove leftovers
             clean_finished(out)
-        print(f"{out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
+        print(f"{redact(cfg.out) if remote else out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
         return existing
     progress_dir = out / PROGRESS_DIR
     if not exclusive:  # ranks share the folder; each also locks its own rank, so no rank runs twice at once
@@ -134,7 +146,7 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
 
     # --- capture: teacher forward on the device, targets, background writer -----------------------------------------
-    writer = BackgroundWriter(out, capture, cfg.seq_len)
+    writer = BackgroundWriter(out, capture, cfg.seq_len, on_shard=remote.push_shard if remote else None)
     shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)  # noqa: E731
     bar = tqdm(desc=f"capture rank {cfg.rank}" if cfg.world_size > 1 else "capture", unit="tok", unit_scale=True,
                total=sum(shard_windows(s) for s in mine) * cfg.seq_len, disable=not cfg.progress)
@@ -167,6 +179,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
                       tokens_per_second=round(captured / seconds, 1) if seconds > 0 and captured else None, device=str(device))
     try:
         write_json_atomic(progress_dir / f"rank-{cfg.rank:05d}-of-{cfg.world_size:05d}-{os.getpid()}.json", session.to_json())
+        if remote:
+            remote.exchange(progress_dir)  # every rank's markers, from the bucket
         done = [progress_dir / f"shard-{shard_name(s)}.json" for s in range(n_shards)]
         missing = sum(not p.exists() for p in done)
         if missing:
@@ -193,6 +207,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int]) -> dict:
         totals=Totals.of(records),
     ).to_json()
     write_json_atomic(out / MANIFEST, manifest)
+    if remote:
+        remote.push_manifest(out)  # tokenizer, then the manifest, last
     shutil.rmtree(progress_dir, ignore_errors=True)
     if exclusive or try_exclusive(lock):
         clean_finished(out)

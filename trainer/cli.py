@@ -32,7 +32,9 @@ def build_train_config(config_file: str | None, typed: dict) -> TrainConfig:
     missing = [f"--{k}" for k in ("data", "out") if not values.get(k)]
     if missing:
         raise UserError(f"missing {' and '.join(missing)}; pass {'them' if len(missing) > 1 else 'it'} as flags or in --config")
-    return TrainConfig(**values, command=sys.argv[:])
+    from pipeline.format.remote import redact_command
+
+    return TrainConfig(**values, command=redact_command(sys.argv[:]))  # never a --storage-options secret in run.json
 
 
 @click.command("train")

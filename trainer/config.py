@@ -93,6 +93,14 @@ class TrainConfig:
     """Evaluate on --eval-data every this many steps (default: only at the end)."""
     eval_batches: int | None = None
     """Evaluate on at most this many batches per process (default: the whole --eval-data)."""
+    storage_options: str | None = None
+    """JSON object of extra fsspec filesystem arguments for URL datasets (e.g. '{"profile": "team"}'); credentials
+    otherwise come from the standard places (AWS_* variables, ~/.aws, AWS_ENDPOINT_URL). Never recorded."""
+    cache_dir: str | None = None
+    """Local folder for the shards of a URL dataset, fetched ahead of use and checked against their checksums on
+    arrival (default $XDG_CACHE_HOME/distill/shards)."""
+    cache_gb: float = 20.0
+    """Size limit of --cache-dir in GB; least recently used shards not in use are deleted to stay under it."""
     workers: int = 0
     """DataLoader worker processes per rank (0 = read in the training process)."""
     log_every: int = 1
@@ -175,9 +183,27 @@ class TrainConfig:
             problems.append(f"--log-seconds is {self.log_seconds}; expected 0 or more")
         if self.hidden_map and self.hidden_weight == 0:
             problems.append("--hidden-map given but --hidden-weight is 0; pass --hidden-weight > 0 to use it")
+        from pipeline.format.remote import is_url, parse_storage_options
+
+        if is_url(self.out) or str(self.out).startswith(("s3:", "gs:", "az:", "hf:")):
+            problems.append(f"--out {self.out} is a URL, but `distill train` writes only to a local folder; pass a local "
+                            "folder (upload RUN/model afterwards)")
+        if self.cache_gb <= 0:
+            problems.append(f"--cache-gb is {self.cache_gb}; expected a positive size in GB")
+        if self.storage_options and getattr(self, "_storage", None) is None:
+            try:
+                self._storage = parse_storage_options(self.storage_options)
+                # the config is recorded (train_config.json, run.json, --report-to): the options may hold credentials
+                self.storage_options = "(given; not recorded)"
+            except UserError as e:
+                problems.append(str(e))
         if problems:
             raise UserError("; ".join(problems))
         return self
+
+    def data_options(self) -> dict:
+        """open_dataset's arguments for --data and --eval-data: storage options and the local cache of a URL dataset."""
+        return data_options(self)
 
 
 @dataclass
@@ -199,6 +225,27 @@ class EvalConfig:
     """Positions per chunk when computing logits (bounds memory)."""
     trust_remote_code: bool = False
     """Allow model code from the student's repository to run. Only for models you trust."""
+    storage_options: str | None = None
+    """JSON object of extra fsspec filesystem arguments for URL datasets (e.g. '{"profile": "team"}'); credentials
+    otherwise come from the standard places (AWS_* variables, ~/.aws, AWS_ENDPOINT_URL). Never recorded."""
+    cache_dir: str | None = None
+    """Local folder for the shards of a URL dataset, fetched ahead of use and checked against their checksums on
+    arrival (default $XDG_CACHE_HOME/distill/shards)."""
+    cache_gb: float = 20.0
+    """Size limit of --cache-dir in GB; least recently used shards not in use are deleted to stay under it."""
+
+    def data_options(self) -> dict:
+        """open_dataset's arguments for --data: storage options and the local cache of a URL dataset."""
+        return data_options(self)
+
+
+def data_options(cfg) -> dict:
+    """open_dataset's arguments for a URL dataset (format/remote.py, format/cache.py); --storage-options parsed."""
+    from pipeline.format.remote import parse_storage_options
+
+    options = getattr(cfg, "_storage", None)
+    return {"storage_options": options if options is not None else parse_storage_options(cfg.storage_options),
+            "cache_dir": cfg.cache_dir, "cache_gb": cfg.cache_gb}
 
 
 def _flag(name: str) -> str:

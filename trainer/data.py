@@ -152,9 +152,19 @@ class WindowReader(torch.utils.data.IterableDataset):
         epoch, start = self.epoch, self.batch_in_epoch
         while self.epochs is None or epoch < self.epochs:
             order = self.rank_order(epoch)
+            self.plan_prefetch(epoch, order[start * self.batch_size :])
             for b in range(start, self.batches_per_epoch):
                 yield epoch, b, order[b * self.batch_size : (b + 1) * self.batch_size]
             epoch, start = epoch + 1, 0
+
+    def plan_prefetch(self, epoch: int, rest: np.ndarray) -> None:
+        """A URL dataset: tell its local cache which shards come next (the rest of this epoch, then the next epoch), so
+        they are fetched ahead of use (pipeline/format/cache.py). Shards come in contiguous runs, so this is short."""
+        if getattr(self.ds, "cache", None) is None:
+            return
+        seq = np.concatenate([rest[:, 0], self.rank_order(epoch + 1)[:, 0]]) if self.epochs is None or epoch + 1 < self.epochs else rest[:, 0]
+        if len(seq):
+            self.ds.cache.plan(seq[np.r_[True, seq[1:] != seq[:-1]]].tolist())
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -143,7 +143,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from .student import compatibility_problems, fused_blocker, load_pretrained, load_tokenizer
     from .distributed import resolve_device_dtype
 
-    ds = open_dataset(cfg.data)
+    ds = open_dataset(cfg.data, **cfg.data_options())  # a URL: shards fetched ahead into the local cache
     device, amp_dtype = resolve_device_dtype(cfg.device, cfg.dtype, local_rank=0)
     student = model_folder(cfg.student)  # a run folder's RUN/model/
     model = load_pretrained(student, cfg.trust_remote_code, what=f"--student {cfg.student}")

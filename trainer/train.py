@@ -55,8 +55,8 @@ def train(cfg: TrainConfig) -> dict:
     _quiet_transformers()
 
     # --- dataset, run folder, student: every refusal happens here, before any step ---------------------------------
-    ds = open_dataset(cfg.data)
-    eval_ds = open_dataset(cfg.eval_data) if cfg.eval_data else None
+    ds = open_dataset(cfg.data, **cfg.data_options())  # a URL: shards fetched ahead into the local cache
+    eval_ds = open_dataset(cfg.eval_data, **cfg.data_options()) if cfg.eval_data else None
     out = Path(cfg.out)
     lock, problems = take_run_folder(out) if rank == 0 else (None, [])  # one writer; no symlinks; leftovers removed
     broadcast_error(problems)

@@ -15,7 +15,6 @@ import json
 import os
 from functools import cached_property
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
@@ -24,6 +23,7 @@ from .encode import decode_sampled, decode_topk
 from ..common.files import check_plain, walk_plain
 from .files import HASH_BLOCK
 from .manifest import parse_manifest
+from .remote import open_fs
 from .schema import MANIFEST, SHARDS_DIR, schema_description
 from .sections import Capture, Manifest, ShardRecord
 from .tokenizer_files import check_tokenizer_files
@@ -225,9 +225,10 @@ class Shard:
 class Dataset:
     """An opened dataset: the manifest (checked whole, see format.manifest), its tokenizer files (checked), its shards."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, storage_options: dict | None = None):
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = open_fs(self.url, storage_options)  # credentials from the standard places (format/remote.py)
+        self.cache = None  # a ShardCache for a remote dataset (open_dataset attaches it): open_shard reads local copies
         self.root = self.root.rstrip("/") or "/"
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         where = f"{self.url}/{MANIFEST}"
@@ -296,9 +297,18 @@ class Dataset:
     def open_shard(self, i: int) -> Shard:
         """A view of shard i of its own, not `self.shards[i]`: its table (in memory for a remote dataset) is read on
         first use and freed with the view. For readers that keep only a few shards open at a time."""
+        if self.cache is not None:
+            return self.cache.open(i)
         return Shard(self, self.manifest.shards[i])
 
 
-def open_dataset(url) -> Dataset:
+def open_dataset(url, storage_options: dict | None = None, cache_dir=None, cache_gb: float | None = None) -> Dataset:
     """Open a dataset folder or fsspec URL (file://, memory://, s3://…) written by `distill precompute`."""
-    return Dataset(str(url))
+    ds = Dataset(str(url), storage_options)
+    if not ds.is_local:  # shards fetched ahead into a bounded local cache, checked on arrival (format/cache.py)
+        from .cache import DEFAULT_CACHE_GB, ShardCache
+        from .remote import cache_home
+
+        gb = DEFAULT_CACHE_GB if cache_gb is None else cache_gb
+        ds.cache = ShardCache(ds, cache_dir or cache_home() / "shards", int(gb * 1e9))
+    return ds

@@ -28,7 +28,7 @@ def check_structure(ds: Dataset) -> None:
 
 
 def verify_shard(ds: Dataset, i: int) -> None:
-    shard = ds.shards[i]
+    shard = ds.open_shard(i)  # a remote dataset's shard comes from its local cache, checked on arrival
     shard.verify_checksums()
     shard.table  # noqa: B018  (reading it checks the schema and the row count against the manifest)
     check_values(shard)
@@ -51,14 +51,16 @@ def verify_shard(ds: Dataset, i: int) -> None:
                                   f"{row // T}, position {row % T}; the dataset was written wrong or altered")
 
 
-def verify_dataset(url, progress=None) -> Dataset:
+def verify_dataset(url, progress=None, **open_options) -> Dataset:
     """Check a whole dataset; raise FormatError naming the first bad file, return the opened dataset when sound.
 
     progress: called with each shard once it is verified (e.g. a progress bar's update)."""
-    ds = open_dataset(url)
+    ds = open_dataset(url, **open_options)  # storage_options, cache_dir, cache_gb (a remote dataset)
     if ds.manifest.tokenizer.files is None:
         raise FormatError(f"{ds.url}/manifest.json: `tokenizer.files` is missing, so the tokenizer cannot be checked; "
                           "the dataset was not written by distill precompute")
+    if ds.cache is not None:
+        ds.cache.plan(range(len(ds.shards)))  # fetched ahead while the previous shard is checked
     for i in range(len(ds.shards)):
         verify_shard(ds, i)
         if progress:
