@@ -32,12 +32,28 @@ def field_help(cls) -> dict[str, str]:
     return out
 
 
-def _click_type(cls, f, choices: dict):
+class IntList(click.ParamType):
+    """A comma-separated list of integers ("2,-1") as a list of int."""
+
+    name = "INTS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            return [int(x) for x in str(value).replace(" ", "").split(",") if x]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers (e.g. 2,-1)", param, ctx)
+
+
+def _click_type(cls, f, choices: dict) -> tuple[object, bool]:
+    """The click type of a field and whether the flag repeats (list fields: --data a --data b)."""
     if f.name in choices:
-        return click.Choice(choices[f.name])
+        return click.Choice(choices[f.name]), False
     hint = typing.get_type_hints(cls)[f.name]
+    repeat = typing.get_origin(hint) is list
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return {int: int, float: float, bool: bool, str: str}.get(args[0], str)
+    return {int: int, float: float, bool: bool, str: str}.get(args[0], str), repeat
 
 
 def config_options(cls, *, required: tuple[str, ...] = (), choices: dict | None = None, hidden: tuple[str, ...] = (),
@@ -56,15 +72,17 @@ def config_options(cls, *, required: tuple[str, ...] = (), choices: dict | None 
     def decorate(fn):
         for f in reversed([f for f in fields(cls) if f.name not in skip]):
             flag = "--" + f.name.replace("_", "-")
-            default = None if f.default is MISSING else f.default
-            kind = types.get(f.name) or _click_type(cls, f, choices)
+            default = f.default_factory() if f.default_factory is not MISSING else None if f.default is MISSING else f.default
+            kind, repeat = (types[f.name], False) if f.name in types else _click_type(cls, f, choices)
             text = " ".join(x for x in (helps.get(f.name, ""), extra_help.get(f.name, "")) if x)
-            common = dict(help=text, hidden=f.name in hidden, show_default=default is not None and default is not False)
+            shown = default is not None and default is not False and default != []
+            common = dict(help=text, hidden=f.name in hidden, show_default=shown)
             if kind is bool:
                 decls = [f"{flag}/--no-{flag[2:]}"] if f.name in on_off else [flag]
                 fn = click.option(*decls, f.name, is_flag=True, default=bool(default), **common)(fn)
             else:
-                fn = click.option(flag, f.name, type=kind, default=default, required=f.name in required, **common)(fn)
+                fn = click.option(flag, f.name, type=kind, default=default or None if repeat else default, multiple=repeat,
+                                  required=f.name in required, **common)(fn)
         return fn
 
     return decorate
