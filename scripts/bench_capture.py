@@ -70,7 +70,8 @@ def bare_loops(args, k: int) -> dict:
         n = tokenize_to_file(docs, tok, tok.eos_token_id, path, "uint16", args.tokens)
         tokens = np.fromfile(path, dtype=np.uint16)
     windows = count_windows(n, args.seq_len)
-    batches = [torch.from_numpy(make_windows(tokens, b, min(args.batch_size, windows - b), args.seq_len, tok.eos_token_id)[0].astype(np.int64)).to(device)
+    batches = [torch.from_numpy(make_windows(tokens, b, min(args.batch_size, windows - b), args.seq_len,
+                                             tok.eos_token_id)[0].astype(np.int64)).to(device)
                for b in range(0, windows, args.batch_size)]
 
     def sync():

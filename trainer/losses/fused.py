@@ -133,7 +133,8 @@ def chunk_loss_and_grad(z, labels, cfg, w_ce, w_kd, need_grad, *, teacher_ids=No
     """Loss terms of one chunk and the gradient of w_ce * sum(ce) + w_kd * sum(kd) w.r.t. its logits.
 
     z (n, V) float logits, OVERWRITTEN (it becomes the gradient); labels (n,) all valid. Targets (n, K) or (n, V) or None
-    (then KD is off); teacher_log_norm (n,) or None and teacher_temperature as in `plain_distill_loss`. Returns ce (n,), kd (n,) (unscaled by T^2), grad_z (n, V) or None when need_grad is False.
+    (then KD is off); teacher_log_norm (n,) or None and teacher_temperature as in `plain_distill_loss`. Returns ce (n,),
+    kd (n,) (unscaled by T^2), grad_z (n, V) or None when need_grad is False.
     """
     n, vocab = z.shape
     kd_on = teacher_ids is not None or teacher_logits is not None
