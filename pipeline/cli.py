@@ -224,5 +224,23 @@ def import_(source, from_, tokenizer, out, seq_len, shard_size, teacher):
     run_or_exit(go)
 
 
+@commands.command("report")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", required=True, help="Folder for the PNG plots and report.md (new, empty, or an earlier report's).")
+@click.option("--max-windows", default=2000, show_default=True, type=int,
+              help="Windows read per dataset for the distributions (from evenly spread shards).")
+def report_(paths, out, max_windows):
+    """Pictures of datasets (top-k mass, teacher entropy, bytes per column) and runs (loss, CE, KD, lr, grad norm,
+    eval points, overlaid) as PNG plots, with a short markdown summary."""
+
+    def go():
+        from .report import report
+
+        s = report(list(paths), out, max_windows=max_windows)
+        click.echo(f"wrote {out}: {', '.join(s['files'])}")
+
+    run_or_exit(go)
+
+
 if __name__ == "__main__":
     commands()
