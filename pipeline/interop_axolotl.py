@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .common.errors import UserError
+from .common.errors import UserError, describe
 from .common.files import write_json_atomic
 from .format import SHARDS_DIR, open_dataset
 from .format.encode import encode_rows
@@ -286,6 +286,8 @@ def row_to_window(row: dict, T: int, K: int, pad_id: int, where: str) -> dict:
     ids = np.tile(np.arange(K, dtype=np.int64), (T, 1))  # masked positions: a harmless uniform filler
     lp = np.full((T, K), -np.log(K), np.float32)
     mask = np.zeros(T, np.uint8)
+    if _fill_regular(row, min(L - 1, T), K, ids, lp, mask, where):
+        return {"input_ids": inputs, "labels": labels, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lp}
     for t, (tid, tlp, tm) in enumerate(zip(row["target_token_ids"], row["target_logprobs"], row["target_mask"])):
         if t >= L - 1 or t >= T:
             break
@@ -307,6 +309,30 @@ def row_to_window(row: dict, T: int, K: int, pad_id: int, where: str) -> dict:
         lp[t] = np.concatenate([tlp[order], np.full(K - len(tid), -np.inf, np.float32)])  # fewer than K: mass 0
         mask[t] = 1
     return {"input_ids": inputs, "labels": labels, "loss_mask": mask, "topk_ids": ids, "topk_logprobs": lp}
+
+
+def _fill_regular(row: dict, P: int, K: int, ids: np.ndarray, lp: np.ndarray, mask: np.ndarray, where: str) -> bool:
+    """The common case, without a loop over positions: every one of the first P positions has K entries, masked
+    wholly or not at all. Fills ids/lp/mask (T, K) in place like the general path; False when the row is not regular."""
+    lists = [row[k][:P] for k in ("target_token_ids", "target_logprobs", "target_mask")]
+    if P < 1 or any(len(x) < P or any(len(e) != K for e in x) for x in lists):
+        return False
+    tid, tlp, tm = (np.stack(x) for x in lists)  # (P, K) each
+    tid, tlp, tm = tid.astype(np.int64), tlp.astype(np.float32), tm.astype(bool)
+    on = tm.all(1)
+    if not (on | ~tm.any(1)).all():
+        return False
+    s = np.sort(tid[on], axis=1)
+    if (s[:, 1:] == s[:, :-1]).any():
+        raise UserError(f"{where}: a token id appears twice among the targets of a position; each id once, please")
+    order = np.argsort(-tlp[on], axis=1, kind="stable")
+    ids[:P][on] = np.take_along_axis(tid[on], order, 1)
+    lp[:P][on] = np.take_along_axis(tlp[on], order, 1)
+    mask[:P] = on
+    off = np.nonzero(~on)[0]
+    for t in off[[_is_topk(tid[t], tlp[t]) for t in off]] if len(off) else []:
+        ids[t], lp[t] = tid[t], tlp[t]  # a masked position that holds real values keeps them (exact round trip)
+    return True
 
 
 def _is_topk(ids: np.ndarray, lp: np.ndarray) -> bool:
@@ -334,7 +360,7 @@ def import_axolotl(src: str, out: str, tokenizer: str, *, seq_len: int | None = 
     try:
         tok = AutoTokenizer.from_pretrained(str(Path(tokenizer).expanduser()))
     except Exception as e:
-        raise UserError(f"--tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+        raise UserError(f"--tokenizer {tokenizer}: cannot load it ({describe(e)})")
     info = {}
     info_path = (source if source.is_dir() else source.parent) / EXPORT_INFO
     if info_path.is_file():
