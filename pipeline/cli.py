@@ -59,6 +59,11 @@ def _h(name):
 @click.option("--trust-remote-code", is_flag=True, help=_h("trust_remote_code"))
 @click.option("--storage-options", default=None, help=_h("storage_options"))
 @click.option("--stage-dir", default=None, help=_h("stage_dir"))
+@click.option("--head-chunk", default=4096, show_default=True, type=int, help=_h("head_chunk"))
+@click.option("--attn-implementation", default=None, help=_h("attn_implementation"))
+@click.option("--device-map", default=None, help=_h("device_map"))
+@click.option("--max-memory", default=None, help=_h("max_memory"))
+@click.option("--tp", default=1, show_default=True, type=int, help=_h("tp"))
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def precompute(hidden_layers, no_progress, data, **kw):
     """Run a teacher over a corpus once and write its top-k log-probs (and hidden states) as a dataset."""
@@ -192,8 +197,10 @@ def export_(dataset, to, out, logprobs, temperature):
     """Write a dataset's top-k targets for another trainer (axolotl's KD plugin: pre-tokenized parquet rows)."""
 
     def go():
+        from .format.remote import refuse_url
         from .interop_axolotl import export_axolotl
 
+        refuse_url(out, "--out", "export")  # never a local folder named `s3:`
         s = export_axolotl(dataset, out, logprobs=logprobs, temperature=temperature)
         click.echo(f"wrote {s['out']}: {s['rows']} rows of {s['tokens_per_row']} tokens, top-{s['top_k']}, {s['files']} parquet file(s)")
 
@@ -213,8 +220,10 @@ def import_(source, from_, tokenizer, out, seq_len, shard_size, teacher):
     """Turn another trainer's logit rows into a distill dataset (manifest, checksums, tokenizer) for `distill train`."""
 
     def go():
+        from .format.remote import refuse_url
         from .interop_axolotl import import_axolotl
 
+        refuse_url(out, "--out", "import")  # never a local folder named `s3:`
         m = import_axolotl(source, out, tokenizer, seq_len=seq_len, shard_size=shard_size, teacher=teacher,
                            command=["distill"] + sys.argv[1:])
         t = m["totals"]
@@ -222,6 +231,7 @@ def import_(source, from_, tokenizer, out, seq_len, shard_size, teacher):
                    f"top-{m['capture']['top_k']}")
 
     run_or_exit(go)
+
 
 
 @commands.command("report")

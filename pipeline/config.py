@@ -108,10 +108,13 @@ class PrecomputeConfig:
             problems.append(f"--dtype is {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             problems.append(f"--rank {self.rank} --world-size {self.world_size}: expected 0 <= rank < world size")
-        if self.storage_options:
-            from .format.remote import parse_storage_options
+        from .format.remote import looks_like_url, parse_storage_options
 
+        if self.storage_options:
             parse_storage_options(self.storage_options)  # refused here, before the teacher loads
+        if self.stage_dir is not None and looks_like_url(self.stage_dir):
+            problems.append(f"--stage-dir {self.stage_dir} is a URL; it is the local folder shards are written to "
+                            "before upload: pass a local path")
         if problems:
             raise UserError("; ".join(problems))
         return self

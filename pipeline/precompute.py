@@ -24,7 +24,7 @@ from .background_writer import BackgroundWriter
 from .common.identity import path_identity
 from .common.outdir import lock_folder, lock_rank, make_out_folder, only_leftovers, refuse_links, remove_leftovers, try_exclusive, unlock_folder
 from .common.files import list_files, remove_temp_files, write_json_atomic
-from .format.remote import RemoteOutput, is_url, parse_storage_options, redact
+from .format.remote import RemoteOutput, is_url, local_path, parse_storage_options, redact
 from .format import FORMAT_VERSION, MANIFEST, PROGRESS_DIR, SHARDS_DIR, shard_name
 from .format.files import sha256_file
 from .format.schema import SHARD_NAME_DIGITS, schema_description
@@ -47,7 +47,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     remote = None
     if is_url(cfg.out):  # a bucket: this rank captures into a local staging folder and uploads (format/remote.py)
         remote = RemoteOutput(cfg.out, parse_storage_options(cfg.storage_options), cfg.stage_dir, cfg.rank, cfg.world_size)
-    out = remote.stage if remote else Path(cfg.out)
+    out = remote.stage if remote else Path(local_path(cfg.out))  # file://PATH is PATH
     created = not out.exists() and not out.is_symlink()
     make_out_folder(out)
     hint = "" if cfg.world_size > 1 else "; processes of one capture each pass --rank and --world-size"
@@ -86,7 +86,9 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", cfg.rank)))
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
-    model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code)
+    model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code, **cfg.load_options())
+    device = input_device(model, device)  # placed by --device-map: inputs go where the embeddings are
+    head = split_head(model, cfg.head_chunk)  # None: the whole-batch head
     teacher_section = teacher_record(cfg.teacher, cfg.revision, model, dtype)  # the manifest's record; `model` runs
     layers = check_model_settings(cfg, model.config, teacher_section)
     tokenizer_section = tokenizer_record(tokenizer)
@@ -160,8 +162,14 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
                     nb = min(cfg.batch_size, first + count - b)
                     input_ids, labels, loss_mask = make_windows(tokens, b, nb, cfg.seq_len, pad_id)  # (B, T) each
                     ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
-                    result = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
-                    rows, fidelity = batch_targets(result.logits, labels, loss_mask, b, capture, device)
+                    if head is not None and not head.verified:  # first batch: the split head must give the model's logits
+                        head = head if head.check(ids) else None
+                    if head is not None:  # body to final hidden states; head and targets a chunk of tokens at a time
+                        result = head.body_forward(ids, bool(layers))
+                        rows, fidelity = batch_targets(None, labels, loss_mask, b, capture, device, head=head, final_hidden=result.last_hidden_state)
+                    else:
+                        result = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
+                        rows, fidelity = batch_targets(result.logits, labels, loss_mask, b, capture, device)
                     rows |= {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
                     hidden = {layer: result.hidden_states[layer].half().reshape(nb * cfg.seq_len, -1).cpu().numpy() for layer in layers}
                     writer.put(rows, hidden, fidelity)
@@ -215,8 +223,10 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     return manifest
 
 
-def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_window: int, capture: Capture, device) -> tuple[dict, dict]:
-    """Teacher logits (B, T, V) -> the logical arrays of every stored target kind (on host) and per-batch fidelity sums."""
+def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_window: int, capture: Capture, device,
+                  head=None, final_hidden=None) -> tuple[dict, dict]:
+    """Teacher logits (B, T, V) -> the logical arrays of every stored target kind (on host) and per-batch fidelity sums.
+    With a `head` (pipeline.head.ChunkedHead), the final hidden states (B, T, H) instead of logits: same values."""
     import torch
 
     from .targets import FIDELITY_STRIDE, batch_generator, sampled_targets, topk_targets
@@ -227,7 +237,14 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
     token_type = np.dtype(capture.token_dtype)
     k = capture.top_k
     bits = capture.logprob_bits if capture.encoding == "compact" else None
-    t = topk_targets(logits, labels_t, k, logprob_bits=bits)
+    sampled = "sampled" in capture.targets
+    if head is not None:
+        from .head import chunked_targets
+
+        g = batch_generator(capture.seed, first_window, device) if sampled else None
+        t, s = chunked_targets(head, final_hidden, labels_t, k, bits, (capture.samples, capture.sample_temperature, g) if sampled else None)
+    else:
+        t = topk_targets(logits, labels_t, k, logprob_bits=bits)
     rows = {"target_logprob": t["target_logprob"].cpu().numpy()}
     fidelity = {}
     if k:
@@ -239,14 +256,39 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
         fmask = mask[:, ::FIDELITY_STRIDE]  # recon_kl is measured on a deterministic sample of positions
         fidelity |= {"topk_mass": (float(t["topk_mass"][mask].sum()), n_valid),
                   "recon_kl": (float(t["recon_kl"][fmask].sum()), int(fmask.sum()))}
-    if "sampled" in capture.targets:
-        g = batch_generator(capture.seed, first_window, device)
-        s = sampled_targets(logits, capture.samples, capture.sample_temperature, g)
+    if sampled:
+        if head is None:
+            s = sampled_targets(logits, capture.samples, capture.sample_temperature, batch_generator(capture.seed, first_window, device))
         rows |= {"sample_ids": s["sample_ids"].to(torch.int32).cpu().numpy().astype(token_type), "sample_counts": s["sample_counts"].cpu().numpy(),
                  "sample_n": s["sample_n"].cpu().numpy(), "sample_logweights": s["sample_logweights"].cpu().numpy()}
         fidelity |= {"sample_unique": (float(s["sample_n"][mask].sum()), n_valid), "sample_mass": (float(s["sample_mass"][mask].sum()), n_valid),
                   "sample_rkl": (float(s["sample_rkl"][mask].sum()), n_valid)}
     return rows, fidelity
+
+
+def input_device(model, device):
+    """Where input ids go: `device`, or for a model placed by --device-map the device of its first placed module."""
+    import torch
+
+    placed = getattr(model, "hf_device_map", None)  # only set when loaded with a device_map
+    if not placed:
+        return device
+    first = next(iter(placed.values()))
+    if isinstance(first, int):
+        return torch.device("cuda", first)
+    return torch.device("cpu" if first == "disk" else first)
+
+
+def split_head(model, chunk: int):
+    """The chunked head for --head-chunk N (pipeline/head.py), or None for 0 or a head that cannot be split (notice)."""
+    if not chunk:
+        return None
+    from .head import ChunkedHead
+
+    head, why = ChunkedHead.split(model, chunk)
+    if head is None:
+        print(f"--head-chunk: {why}; using the whole-batch head", file=sys.stderr)
+    return head
 
 
 def check_model_settings(cfg: PrecomputeConfig, config, teacher: Teacher) -> list[int]:

@@ -65,13 +65,23 @@ def test_url_detection_and_refusal(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, ["train", "--data", "x", "--out", "s3://teams/run", "--student-config", "c.json"])
     assert r.exit_code == 2 and "is a URL, but `distill train` writes only to a local folder" in r.output
-    assert not any(tmp_path.iterdir())  # no folder named `s3:`
+    for args in (["export", "ds", "--to", "axolotl", "--out", "s3://teams/rows"],
+                 ["import", "rows", "--from", "axolotl", "--tokenizer", "tok", "--out", "gs://teams/ds"],
+                 ["train", "--data", "x", "--out", "runs/a", "--cache-dir", "s3://teams/cache", "--student-config", "c.json"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "is a URL" in r.output, (args, r.output)
+    with pytest.raises(UserError, match=r"--stage-dir s3://teams/stage is a URL"):
+        PrecomputeConfig(teacher="t", data=["d"], out="s3://teams/ds", stage_dir="s3://teams/stage").resolve()
+    with pytest.raises(UserError, match=r"--storage-options is not valid JSON"):
+        PrecomputeConfig(teacher="t", data=["d"], out="s3://teams/ds", storage_options="{secret").resolve()
+    assert not any(tmp_path.iterdir())  # no folder named `s3:` or `gs:`
 
 
 def test_precompute_to_a_bucket_equals_a_local_capture(s3, tmp_path, teacher_dir, corpus_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = tmp_path / "local"
-    precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(local), **SMALL))
+    precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=f"file://{local}", **SMALL))
+    assert (local / "manifest.json").exists() and not (tmp_path / "file:").exists()  # file://PATH is PATH
     stage = tmp_path / "stage"
     m = precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out="s3://teams/eq", stage_dir=str(stage), **SMALL))
     assert m["totals"]["shards"] == 5
@@ -222,3 +232,21 @@ def test_cache_checks_arrivals_and_stays_bounded(s3, tmp_path, dataset_dir):  # 
     with pytest.raises(FormatError, match=r"s3://teams/cached/shards/00001.arrow: arrived with .* the remote copy was altered"):
         ds.open_shard(1)
     assert not list((tmp_path / "fresh").rglob("00001.arrow*"))
+
+
+def test_dataloader_workers_read_through_one_cache(s3, tmp_path, dataset_dir):
+    """Forked DataLoader workers each get their own S3 client (s3fs is not fork-safe) and share the cache folder; the
+    batches equal those of the local folder."""
+    from trainer.data import WindowReader, make_loader
+
+    bucket().put(str(dataset_dir), "teams/workers", recursive=True)
+    remote = WindowReader(open_dataset("s3://teams/workers", cache_dir=tmp_path / "c"), 4, seed=3, targets="topk", epochs=1)
+    local = WindowReader(str(dataset_dir), 4, seed=3, targets="topk", epochs=1)
+    got = [b for b in make_loader(remote, workers=2)]
+    want = list(local)
+    assert len(got) == len(want) == local.batches_per_epoch
+    for a, b in zip(got, want):
+        assert "error" not in a
+        for key in ("window_index", "input_ids", "labels", "teacher_ids", "teacher_logprobs"):
+            assert (a[key] == b[key]).all(), key
+    assert sorted(p.name for p in (tmp_path / "c").rglob("*.ready")) == ["00000.ready", "00001.ready", "00002.ready"]

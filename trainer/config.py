@@ -183,11 +183,13 @@ class TrainConfig:
             problems.append(f"--log-seconds is {self.log_seconds}; expected 0 or more")
         if self.hidden_map and self.hidden_weight == 0:
             problems.append("--hidden-map given but --hidden-weight is 0; pass --hidden-weight > 0 to use it")
-        from pipeline.format.remote import is_url, parse_storage_options
+        from pipeline.format.remote import parse_storage_options, refuse_url
 
-        if is_url(self.out) or str(self.out).startswith(("s3:", "gs:", "az:", "hf:")):
-            problems.append(f"--out {self.out} is a URL, but `distill train` writes only to a local folder; pass a local "
-                            "folder (upload RUN/model afterwards)")
+        for flag, path in (("--out", self.out), ("--cache-dir", self.cache_dir)):
+            try:
+                refuse_url(path, flag, "train")  # a URL would become a local folder named `s3:`
+            except UserError as e:
+                problems.append(str(e))
         if self.cache_gb <= 0:
             problems.append(f"--cache-gb is {self.cache_gb}; expected a positive size in GB")
         if self.storage_options and getattr(self, "_storage", None) is None:

@@ -43,6 +43,7 @@ class ShardCache:
         self.root = self.folder / ds.manifest_sha256[:16]
         self.locks = self.root / "locks"
         self._pid = None
+        self._owner = os.getpid()  # the process whose filesystem object ds.fs is
         self._reset()
 
     # --- per process state (a forked DataLoader worker starts afresh; a spawned one gets it pickled without it)
@@ -57,6 +58,15 @@ class ShardCache:
         self._ahead_pins: set[int] = set()
         self._thread = None
         self._error: BaseException | None = None
+        self._fs = None
+
+    def _remote(self):
+        """The remote filesystem for downloads: the dataset's own in the process that opened it; in a forked or spawned
+        DataLoader worker a new instance (an async filesystem such as s3fs is not fork-safe)."""
+        if self._fs is None:
+            fs = self.ds.fs
+            self._fs = fs if os.getpid() == self._owner else type(fs)(*fs.storage_args, **fs.storage_options)
+        return self._fs
 
     def _process(self):
         if self._pid != os.getpid():
@@ -68,6 +78,7 @@ class ShardCache:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._owner = -1  # unpickled in another process: never the dataset's filesystem object
         self._reset()
 
     # --- what the reader calls
@@ -172,7 +183,7 @@ class ShardCache:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
             try:
-                self.ds.fs.get_file(f"{self.ds.root}/{SHARDS_DIR}/{rel}", str(tmp))
+                self._remote().get_file(f"{self.ds.root}/{SHARDS_DIR}/{rel}", str(tmp))
                 h = hashlib.sha256()
                 with open(tmp, "rb") as f:
                     while block := f.read(HASH_BLOCK):

@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from ..common.errors import FormatError
+from ..common.errors import FormatError, UserError
 from .encode import decode_sampled, decode_topk
 from ..common.files import check_plain, walk_plain
 from .files import HASH_BLOCK
@@ -309,6 +309,12 @@ def open_dataset(url, storage_options: dict | None = None, cache_dir=None, cache
         from .cache import DEFAULT_CACHE_GB, ShardCache
         from .remote import cache_home
 
+        from .remote import looks_like_url, redact
+
+        if cache_dir is not None and looks_like_url(cache_dir):
+            raise UserError(f"--cache-dir {redact(cache_dir)} is a URL; the cache is a local folder: pass a local path")
         gb = DEFAULT_CACHE_GB if cache_gb is None else cache_gb
+        if gb <= 0:
+            raise UserError(f"--cache-gb is {gb}; expected a positive size in GB")
         ds.cache = ShardCache(ds, cache_dir or cache_home() / "shards", int(gb * 1e9))
     return ds

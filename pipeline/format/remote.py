@@ -49,11 +49,23 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\1***@", str(text))
 
 
+def looks_like_url(path) -> bool:
+    """Any URL, file:// included, or a `scheme:` prefix that a plain path would turn into a folder named `s3:`."""
+    text = str(path)
+    return is_url(text) or "://" in text or "::" in text or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", text) is not None
+
+
+def local_path(path) -> str:
+    """A plain path for `file://PATH` (precompute writes there); other paths unchanged."""
+    protocol, rest = fsspec.core.split_protocol(str(path))
+    return rest if protocol in ("file", "local") else str(path)
+
+
 def refuse_url(path, flag: str, command: str) -> None:
     """For outputs that must be a local folder: a URL would otherwise become a local folder named `s3:`."""
-    if path is not None and (is_url(path) or str(path).startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "hf:"))):
+    if path is not None and looks_like_url(path):
         raise UserError(f"{flag} {redact(path)} is a URL, but `distill {command}` writes only to a local folder; pass a "
-                        f"local folder (and copy it to the bucket afterwards with your storage's own tool)")
+                        f"local folder path (and copy it to the bucket afterwards with your storage's own tool)")
 
 
 def parse_storage_options(text) -> dict:
