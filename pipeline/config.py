@@ -10,6 +10,22 @@ from .common.errors import UserError
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 TARGETS = ("topk", "sampled", "both")
 ENCODINGS = ("exact", "compact")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def parse_max_memory(text: str) -> dict:
+    """'0=70GiB,1=70GiB,cpu=200GiB' -> {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'} (accelerate's max_memory)."""
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = part.partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not size or not (key.isdigit() or key in ("cpu", "disk")):
+            raise ValueError(f"--max-memory {text!r}: {part!r} is not DEVICE=SIZE; expected e.g. '0=70GiB,1=70GiB,cpu=200GiB'")
+        out[int(key) if key.isdigit() else key] = size
+    if not out:
+        raise ValueError(f"--max-memory {text!r} names no device; expected e.g. '0=70GiB,cpu=200GiB'")
+    return out
 
 
 @dataclass
@@ -67,10 +83,58 @@ class PrecomputeConfig:
     stage_dir: str | None = None
     """Local folder where the shards of a URL --out are written before upload, one sub-folder per rank (default
     $XDG_CACHE_HOME/distill/stage); each is removed once the dataset is complete in the bucket."""
+    head_chunk: int = 4096
+    """Tokens per chunk of the capture head: the body runs to its final hidden states, then the output head, log-softmax,
+    top-k, sampling and fidelity run this many tokens at a time, so no (batch, seq, vocab) float32 tensor exists. Same
+    values as the whole batch; 0 = the whole-batch head. Heads of unknown structure use the whole batch (with a notice)."""
+    attn_implementation: str | None = None
+    """Teacher attention kernel passed to transformers: sdpa, eager, flash_attention_2 (when installed), ...; unset:
+    transformers' default, which is sdpa wherever the architecture supports it (eager otherwise, e.g. Gemma 2)."""
+    device_map: str | None = None
+    """Place the teacher across this node's devices with accelerate (auto, balanced, balanced_low_0 or sequential), for a
+    teacher larger than one device; one capture process per node. Layers that do not fit go to CPU when --max-memory allows."""
+    max_memory: str | None = None
+    """With --device-map: memory per device, e.g. '0=70GiB,1=70GiB,cpu=200GiB' (cpu = offload to host memory)."""
+    tp: int = 1
+    """Tensor parallel degree under torchrun: the teacher is split with transformers' tp_plan across groups of this
+    many processes (ranks r..r+N-1 of one node); each group is one data-parallel replica that takes the shards one rank
+    took before, and its first rank writes them."""
     progress: bool = True
     """Show progress bars."""
     command: list[str] | None = None
     """Command line recorded in the manifest (set by the CLI)."""
+
+    def placement_problems(self) -> list[str]:
+        """What is wrong with --head-chunk, --device-map, --max-memory, --tp and --attn-implementation."""
+        problems = []
+        if self.head_chunk < 0:
+            problems.append(f"--head-chunk is {self.head_chunk}; expected 0 (whole batch) or a positive number of tokens")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            problems.append(f"--device-map is {self.device_map!r}; expected one of {', '.join(DEVICE_MAPS)}")
+        if self.max_memory is not None:
+            if self.device_map is None:
+                problems.append("--max-memory needs --device-map (e.g. --device-map auto)")
+            try:
+                parse_max_memory(self.max_memory)
+            except ValueError as e:
+                problems.append(str(e))
+        if self.tp < 1:
+            problems.append(f"--tp is {self.tp}; expected 1 or more")
+        elif self.tp > 1:
+            if self.device_map is not None:
+                problems.append("--tp and --device-map both place the teacher; pass one of them")
+            if self.world_size % self.tp:
+                problems.append(f"--tp {self.tp} does not divide the {self.world_size} processes; start a multiple of {self.tp} "
+                                "with torchrun --nproc-per-node")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            problems.append(f"--attn-implementation is {self.attn_implementation!r}; expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        return problems
+
+    def load_options(self) -> dict:
+        """Keyword arguments of `pipeline.teacher.load_teacher` for the placement settings."""
+        return {"attn_implementation": self.attn_implementation, "device_map": self.device_map,
+                "max_memory": parse_max_memory(self.max_memory) if self.max_memory else None,
+                "tp_plan": "auto" if self.tp > 1 else None, "tp_size": self.tp if self.tp > 1 else None}
 
     @property
     def target_kinds(self) -> list[str]:
@@ -115,6 +179,7 @@ class PrecomputeConfig:
         if self.stage_dir is not None and looks_like_url(self.stage_dir):
             problems.append(f"--stage-dir {self.stage_dir} is a URL; it is the local folder shards are written to "
                             "before upload: pass a local path")
+        problems += self.placement_problems()
         if problems:
             raise UserError("; ".join(problems))
         return self

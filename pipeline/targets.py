@@ -85,11 +85,14 @@ def quantize_logprobs(top_lp: torch.Tensor, bits: int) -> dict[str, torch.Tensor
     return {"topk_q": q.to(torch.int32), "topk_hi": hi, "topk_lo": lo, "topk_stored": deq}
 
 
-def sampled_targets(logits: torch.Tensor, n: int, temperature: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def sampled_targets(logits: torch.Tensor, n: int, temperature: float, generator: torch.Generator | None = None,
+                    uniforms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Draw `n` tokens per position from the teacher (at `temperature`) and keep the unique ids with their counts.
 
     counts / n is an unbiased estimate of the sampling distribution q; at temperature 1, q is the teacher p. Otherwise
     each id also gets log(p/q) (importance weight), so counts / n * p / q is unbiased for p.
+    Draws are inverse-CDF lookups of `uniforms` (B*T, n) in [0, 1) (drawn from `generator` when not given), so a
+    position's draws depend only on its own uniforms: the chunked head (pipeline.head) gets the same values.
     logits: (B, T, V). Returns sample_ids (B, T, n) int64 (unique ids ascending, then padding), sample_counts (B, T, n)
     int32 (0 in padding), sample_n (B, T) unique ids per position, sample_logweights (B, T, n) float32, and the fidelity
     figures sample_mass (B, T) = true teacher mass of the drawn ids and sample_rkl (B, T) = KL(estimate || teacher).
@@ -97,7 +100,11 @@ def sampled_targets(logits: torch.Tensor, n: int, temperature: float, generator:
     B, T, V = logits.shape
     lp = logits.float().log_softmax(-1)  # (B, T, V)
     lq = lp if temperature == 1.0 else (logits.float() / temperature).log_softmax(-1)
-    draws = torch.multinomial(lq.reshape(-1, V).exp(), n, replacement=True, generator=generator)  # (P, n)
+    if uniforms is None:
+        uniforms = torch.rand(B * T, n, generator=generator, device=logits.device, dtype=torch.float64)
+    cdf = lq.reshape(-1, V).double().exp().cumsum(-1)  # (P, V) float64: exact enough at any vocabulary size
+    u = uniforms.to(cdf.device, torch.float64) * cdf[:, -1:]  # (P, n)
+    draws = torch.searchsorted(cdf, u, right=True).clamp_max(V - 1)  # (P, n) id whose CDF interval holds u
     sorted_ids, _ = draws.sort(-1)
     first = torch.ones_like(sorted_ids, dtype=torch.bool)
     first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]  # (P, n) start of a run of one id

@@ -35,8 +35,12 @@ def load_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
     return tokenizer
 
 
-def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool):
-    """Return the model in eval mode on `device`."""
+def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool,
+                 attn_implementation: str | None = None, device_map: str | None = None, max_memory: dict | None = None,
+                 tp_plan: str | None = None, tp_size: int | None = None):
+    """Return the model in eval mode on `device`; with `device_map`, placed by accelerate across this node's devices
+    (`max_memory` per device, 'cpu' = offload); with `tp_plan`, split by transformers' tensor parallelism across the
+    torchrun processes (`tp_size` of them per replica)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -45,7 +49,12 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
         raise UserError(f"--teacher {name}: cannot load its config ({describe(e)})")
     require_causal_lm(config, f"--teacher {name}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        if device_map:
+            extra |= {"device_map": device_map} | ({"max_memory": max_memory} if max_memory else {})
+        if tp_plan:
+            extra |= {"tp_plan": tp_plan, "tp_size": tp_size}
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
             raise UserError(
@@ -55,7 +64,9 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
         raise UserError(f"--teacher {name}: cannot load the model ({describe(e)})")
     except OSError as e:
         raise UserError(f"--teacher {name}: cannot load the model weights ({describe(e)})")
-    model = model.to(device).eval()
+    except ImportError as e:  # e.g. --device-map without accelerate, or a flash attention kernel not installed
+        raise UserError(f"--teacher {name}: {describe(e)}")
+    model = (model if device_map or tp_plan else model.to(device)).eval()
     require_causal_model(model, f"--teacher {name}")  # float32 teachers: also checked by behaviour
     return model
 
