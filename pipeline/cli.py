@@ -244,8 +244,10 @@ def report_(paths, out, max_windows):
     eval points, overlaid) as PNG plots, with a short markdown summary."""
 
     def go():
+        from .format.remote import refuse_url
         from .report import report
 
+        refuse_url(out, "--out", "report")  # never a local folder named `s3:`
         s = report(list(paths), out, max_windows=max_windows)
         click.echo(f"wrote {out}: {', '.join(s['files'])}")
 

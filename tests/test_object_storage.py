@@ -65,7 +65,7 @@ def test_url_detection_and_refusal(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, ["train", "--data", "x", "--out", "s3://teams/run", "--student-config", "c.json"])
     assert r.exit_code == 2 and "is a URL, but `distill train` writes only to a local folder" in r.output
-    for args in (["export", "ds", "--to", "axolotl", "--out", "s3://teams/rows"],
+    for args in (["export", "ds", "--to", "axolotl", "--out", "s3://teams/rows"], ["report", "ds", "--out", "s3://teams/pics"],
                  ["import", "rows", "--from", "axolotl", "--tokenizer", "tok", "--out", "gs://teams/ds"],
                  ["train", "--data", "x", "--out", "runs/a", "--cache-dir", "s3://teams/cache", "--student-config", "c.json"]):
         r = CliRunner().invoke(main, args)
