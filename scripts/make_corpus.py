@@ -15,12 +15,24 @@ and reuses existing output when the recipe (stdlib path, python version, split r
 Called by `scripts/make_teacher.py` (imported by path) and from the command line:
 
     python scripts/make_corpus.py --out .cache/corpus
+    python scripts/make_corpus.py --out .cache/corpus --chat     # also the conversational corpus below
+
+`build_chat_corpus(out_dir)` writes a real conversational corpus from the same files, split by the same rule:
+
+    out_dir/chat-train.jsonl     {"messages": [user, assistant], "path": relpath, "name": qualified name} per definition
+    out_dir/chat-heldout.jsonl   the same for the held-out files
+    out_dir/chat.json            recipe and counts, written last
+
+For every public function, class and method with a docstring, the user asks what it does, showing its module, its
+signature and its body (docstring removed, at most CHAT_BODY_LINES lines); the assistant answers with the docstring.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -153,12 +165,102 @@ def mixed_split(corpus_dir: str | os.PathLike, split: str) -> Path:
     return out
 
 
+CHAT_BODY_LINES = 40
+CHAT_MIN_DOC_CHARS = 20  # one-word docstrings ("Close.") teach nothing about the code
+CHAT_FORMAT_VERSION = 1
+
+
+def chat_examples(relpath: str, source: str) -> list[dict]:
+    """The conversations of one source file, in source order (module, then each class's methods after the class)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    module = relpath[:-3].replace("/", ".")
+    module = module[: -len(".__init__")] if module.endswith(".__init__") else module
+    examples = []
+
+    def visit(body, prefix: str) -> None:
+        for node in body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= CHAT_MIN_DOC_CHARS:
+                examples.append(_conversation(module, prefix + node.name, node, inspect.cleandoc(doc), relpath))
+            if isinstance(node, ast.ClassDef):
+                visit(node.body, prefix + node.name + ".")
+
+    visit(tree.body, "")
+    return examples
+
+
+def _conversation(module: str, qualname: str, node, doc: str, relpath: str) -> dict:
+    stripped = ast.parse(ast.unparse(node)).body[0]  # a copy; the docstring goes, the code stays
+    stripped.body = stripped.body[1:] or [ast.Expr(ast.Constant(...))]
+    lines = ast.unparse(stripped).splitlines()
+    if len(lines) > CHAT_BODY_LINES:
+        lines = lines[:CHAT_BODY_LINES] + ["    ..."]
+    kind = "class" if isinstance(node, ast.ClassDef) else "function"
+    code = "\n".join(lines)
+    question = f"What does the {kind} `{qualname}` of the module `{module}` do?\n\n```python\n{code}\n```"
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": doc}],
+            "path": relpath, "name": f"{module}.{qualname}"}
+
+
+def build_chat_corpus(out_dir: str | os.PathLike = DEFAULT_OUT, stdlib: str | os.PathLike | None = None,
+                      heldout_percent: int = HELDOUT_PERCENT) -> dict:
+    """Write chat-train/chat-heldout JSONL for `stdlib` into `out_dir`; return chat.json's content (reused when the
+    recipe matches)."""
+    out_dir = Path(out_dir)
+    stdlib = Path(stdlib if stdlib is not None else sysconfig.get_paths()["stdlib"]).resolve()
+    if not stdlib.is_dir():
+        raise FileNotFoundError(f"stdlib folder {stdlib} does not exist; pass an existing folder as stdlib")
+    recipe = corpus_recipe(stdlib, heldout_percent) | {"chat_format_version": CHAT_FORMAT_VERSION,
+                                                        "body_lines": CHAT_BODY_LINES, "min_doc_chars": CHAT_MIN_DOC_CHARS}
+    manifest_path = out_dir / "chat.json"
+    if manifest_path.exists():
+        info = json.loads(manifest_path.read_text())
+        if info.get("recipe") == recipe and all((out_dir / f"chat-{s}.jsonl").exists() for s in ("train", "heldout")):
+            info["reused"] = True
+            return info
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = {"train": [], "heldout": []}
+    for relpath in list_source_files(stdlib):
+        try:
+            text = (stdlib / relpath).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        splits["heldout" if is_heldout(relpath, heldout_percent) else "train"] += chat_examples(relpath, text)
+    counts = {}
+    for split, rows in splits.items():
+        tmp = out_dir / f".chat-{split}.jsonl.tmp-{os.getpid()}"
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        tmp.write_bytes(data)
+        os.replace(tmp, out_dir / f"chat-{split}.jsonl")
+        counts[split] = {"conversations": len(rows), "files": len({r["path"] for r in rows}),
+                         "sha256": hashlib.sha256(data).hexdigest()}
+    info = {"recipe": recipe, "stdlib": str(stdlib), "python_version": platform.python_version(), "splits": counts}
+    tmp = out_dir / f".chat.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    info["reused"] = False
+    return info
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
     parser.add_argument("--stdlib", default=None, help="source folder (default: this interpreter's stdlib)")
     parser.add_argument("--mixed", action="store_true", help="also write train-mixed.jsonl and heldout-mixed.jsonl")
+    parser.add_argument("--chat", action="store_true",
+                        help="also write the conversational corpus: chat-train.jsonl and chat-heldout.jsonl")
     args = parser.parse_args(argv)
+    if args.chat:
+        chat = build_chat_corpus(args.out, stdlib=args.stdlib)
+        c = chat["splits"]
+        print(f"{'reused' if chat['reused'] else 'wrote'} chat corpus: train {c['train']['conversations']} conversations "
+              f"from {c['train']['files']} files, heldout {c['heldout']['conversations']} from {c['heldout']['files']}",
+              file=sys.stderr)
     info = build_corpus(args.out, stdlib=args.stdlib)
     if args.mixed:
         for split in ("train", "heldout"):
