@@ -69,6 +69,19 @@ def check_train_on(fmt: str, train_on: str) -> None:
                         "text; pass --train-on all (or --format chat / prompt-completion if the rows hold messages)")
 
 
+def tokenize_examples(examples, tokenizer, train_on: str | None, eos_id: int):
+    """Generator: normalized examples (`pipeline.sources.iter_examples`) → `TokenizedExample`s. `train_on` None takes
+    each format's default (`DEFAULT_TRAIN_ON`), so a mix of text and chat sources trains each as its kind expects."""
+    checked = set()
+    for example in examples:
+        fmt = example["format"]
+        chosen = train_on or DEFAULT_TRAIN_ON[fmt]
+        if fmt not in checked:
+            check_train_on(fmt, chosen)
+            checked.add(fmt)
+        yield tokenize_example(example, tokenizer, chosen, eos_id)
+
+
 def tokenize_example(example: dict, tokenizer, train_on: str, eos_id: int) -> TokenizedExample:
     """A normalized example from `pipeline.sources` (`{"format": ..., ...}`) → token ids and trained flags.
 

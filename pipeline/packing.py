@@ -27,9 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 LONG = ("split", "truncate")
+# The capture's example files (in `_progress/`, beside today's tokens.bin): every example's tokens and trained flags one
+# after another, and the offsets where each example starts.
+EXAMPLE_FILES = ("example_tokens.bin", "example_trained.bin", "example_offsets.bin")
 
 
 @dataclass
@@ -180,6 +186,42 @@ def iter_windows(examples: Iterable, seq_len: int, pad_id: int, packing: bool = 
         out["window_index"] = np.asarray(idx, np.int64)
         local.trained += int(out["loss_mask"].sum())
         yield out
+
+
+def write_examples(tokenized: Iterable, folder: Path, dtype: str, max_tokens: int | None = None,
+                   progress=None) -> dict:
+    """Write tokenized examples to the example files in `folder`, each atomically (temp name, then rename); return
+    `{"examples", "tokens", "trained"}`. With `max_tokens`, stops before the example that would pass it (examples are
+    kept whole), taking at least one. Read back with `read_examples`; plan with `plan_windows(np.diff(offsets), ...)`."""
+    folder = Path(folder)
+    paths = [folder / name for name in EXAMPLE_FILES]
+    tmps = [p.with_name(p.name + f".tmp-{os.getpid()}") for p in paths]
+    n_examples = n_tokens = n_trained = 0
+    with open(tmps[0], "wb") as ft, open(tmps[1], "wb") as fm, open(tmps[2], "wb") as fo:
+        fo.write(np.zeros(1, np.int64).tobytes())
+        for ex in tokenized:
+            n = len(ex.input_ids)
+            if max_tokens is not None and n_examples and n_tokens + n > max_tokens:
+                break
+            ft.write(np.asarray(ex.input_ids, dtype=dtype).tobytes())
+            fm.write(np.asarray(ex.trained, np.uint8).tobytes())
+            n_examples, n_tokens, n_trained = n_examples + 1, n_tokens + n, n_trained + int(ex.trained.sum())
+            fo.write(np.asarray([n_tokens], np.int64).tobytes())
+            if progress:
+                progress(n)
+    for tmp, path in zip(tmps, paths):
+        os.replace(tmp, path)
+    return {"examples": n_examples, "tokens": n_tokens, "trained": n_trained}
+
+
+def read_examples(folder: Path, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Memory-mapped (tokens (N,), trained (N,) uint8, offsets (E + 1,) int64) of `write_examples`."""
+    folder = Path(folder)
+    maps = []
+    for name, kind in zip(EXAMPLE_FILES, (dtype, np.uint8, np.int64)):
+        path = folder / name
+        maps.append(np.memmap(path, dtype=kind, mode="r") if path.stat().st_size else np.zeros(0, kind))
+    return maps[0], maps[1], maps[2]
 
 
 def packing_masks_supported(model, atol: float = 1e-5) -> bool:

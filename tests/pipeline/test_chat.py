@@ -114,3 +114,21 @@ def test_template_refusals_name_the_fix(tokenizer_dir):
                          "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     with pytest.raises(UserError, match="not a prefix of the whole conversation"):
         render_with_spans(tok, CONVERSATION, "assistant")
+
+
+def test_mixed_sources_take_each_formats_default_and_the_template_is_saved(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import tokenize_examples
+
+    tok = chat_tokenizer(tokenizer_dir, "gemma")
+    rows = [{"format": "text", "text": "x = 1\n"}, {"format": "chat", "messages": CONVERSATION}]
+    text, chat = list(tokenize_examples(rows, tok, None, tok.eos_token_id))
+    assert text.trained[1:].all() and len(trained_runs(tok, chat)) == 2
+    with pytest.raises(UserError, match="--train-on assistant needs conversational or prompt-completion data"):
+        list(tokenize_examples(rows, tok, "assistant", tok.eos_token_id))
+    # the dataset stores this tokenizer: the template travels with it to the student
+    tok.save_pretrained(str(tmp_path / "tokenizer"))
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    assert again.chat_template == STYLES["gemma"][0]
+    assert again.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False) == chat.input_ids.tolist()

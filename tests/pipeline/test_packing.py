@@ -130,3 +130,22 @@ def test_packed_example_logprobs_equal_the_example_alone(kind, attn):
 def test_models_that_ignore_position_ids_for_masking_are_found(kind, attn, expected):
     # OPT builds its mask from the attention mask only, Bloom (ALiBi) takes no position ids: packed examples see each other
     assert packing_masks_supported(tiny_model(kind, attn, vocab=320)) is expected
+
+
+def test_example_files_round_trip_and_build_the_same_windows(tmp_path):
+    from pipeline.packing import read_examples, write_examples
+
+    rng = np.random.default_rng(2)
+    examples = [example(rng.integers(1, 300, n), rng.integers(0, 2, n)) for n in (6, 3, 25, 9)]
+    meta = write_examples(iter(examples), tmp_path, "uint16")
+    assert meta == {"examples": 4, "tokens": 43, "trained": int(sum(e.trained.sum() for e in examples))}
+    tokens, trained, offsets = read_examples(tmp_path, "uint16")
+    assert offsets.tolist() == [0, 6, 9, 34, 43]
+    plan = plan_windows(np.diff(offsets), seq_len=8)
+    by_index = make_windows(tokens, trained, offsets, plan, 0, plan.windows, PAD)
+    by_generator = list(iter_windows(examples, seq_len=8, pad_id=PAD))
+    for key in ("input_ids", "labels", "loss_mask", "position_ids"):
+        assert np.array_equal(by_index[key], np.concatenate([w[key] for w in by_generator])), key
+    # max_tokens keeps examples whole
+    assert write_examples(iter(examples), tmp_path, "uint16", max_tokens=20)["examples"] == 2
+    assert not list(tmp_path.glob("*.tmp-*"))
