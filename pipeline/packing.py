@@ -45,7 +45,7 @@ class PackingStats:
     examples: int = 0
     windows: int = 0
     positions: int = 0  # label positions of the examples placed (after truncation)
-    trained: int = 0  # positions with loss_mask 1
+    trained: int = 0  # positions with loss_mask 1 (added by iter_windows or the capture; plans see lengths only)
     padding: int = 0  # padding positions
     split: int = 0  # examples longer than a window, split into pieces
     truncated: int = 0  # examples longer than a window, cut to one
@@ -54,8 +54,9 @@ class PackingStats:
 
     def summary(self) -> str:
         fill = self.positions / max(1, self.positions + self.padding)
-        parts = [f"{self.examples} examples in {self.windows} windows ({fill:.1%} filled, {self.padding} padding positions)",
-                 f"{self.trained} trained positions of {self.positions}"]
+        parts = [f"{self.examples} examples in {self.windows} windows ({fill:.1%} filled, {self.padding} padding positions)"]
+        if self.trained:  # counted from the windows' loss masks by whoever builds them; plan_windows sees lengths only
+            parts.append(f"{self.trained} trained positions of {self.positions}")
         if self.split:
             parts.append(f"{self.split} longer than a window split into pieces")
         if self.truncated:
