@@ -59,7 +59,7 @@ def _h(name):
 @click.option("--trust-remote-code", is_flag=True, help=_h("trust_remote_code"))
 @click.option("--storage-options", default=None, help=_h("storage_options"))
 @click.option("--stage-dir", default=None, help=_h("stage_dir"))
-@click.option("--head-chunk", default=4096, show_default=True, type=int, help=_h("head_chunk"))
+@click.option("--head-chunk", default=512, show_default=True, type=int, help=_h("head_chunk"))
 @click.option("--attn-implementation", default=None, help=_h("attn_implementation"))
 @click.option("--device-map", default=None, help=_h("device_map"))
 @click.option("--max-memory", default=None, help=_h("max_memory"))

@@ -83,7 +83,7 @@ class PrecomputeConfig:
     stage_dir: str | None = None
     """Local folder where the shards of a URL --out are written before upload, one sub-folder per rank (default
     $XDG_CACHE_HOME/distill/stage); each is removed once the dataset is complete in the bucket."""
-    head_chunk: int = 4096
+    head_chunk: int = 512
     """Tokens per chunk of the capture head: the body runs to its final hidden states, then the output head, log-softmax,
     top-k, sampling and fidelity run this many tokens at a time, so no (batch, seq, vocab) float32 tensor exists. Same
     values as the whole batch; 0 = the whole-batch head. Heads of unknown structure use the whole batch (with a notice)."""

@@ -15,7 +15,7 @@ import torch
 
 from .targets import FIDELITY_STRIDE, sampled_targets, topk_targets
 
-DEFAULT_HEAD_CHUNK = 4096  # tokens per chunk: (4096, 256k) float32 = 4 GiB at most per intermediate; 0 = whole batch
+DEFAULT_HEAD_CHUNK = 512  # tokens per chunk: (512, 256k) float32 = 512 MiB per intermediate; 0 = whole batch
 # model types whose causal-LM forward is `lm_head(body(...).last_hidden_state)` then the optional scale / soft-cap below
 HEAD_MODEL_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "gemma", "gemma2", "gemma3_text",
@@ -123,3 +123,11 @@ def _assemble(parts: list[tuple[slice, dict]], B: int) -> dict:
             groups.append((rows.start, [d]))
     out = {name: [torch.cat([d[name] for d in ds], dim=1) for _, ds in groups] for name in parts[0][1]}
     return {name: torch.cat(ts) for name, ts in out.items()}
+
+
+def tp_groups(rank: int, world_size: int, tp: int) -> tuple[int, int, int]:
+    """Tensor-parallel replicas under torchrun: ranks [g*tp, (g+1)*tp) form group g. Returns (group, groups, member):
+    the group takes the shards rank `group` of `groups` would take (shard i -> group i % groups), member 0 writes."""
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tp {tp} does not divide world size {world_size}")
+    return rank // tp, world_size // tp, rank % tp

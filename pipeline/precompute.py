@@ -44,6 +44,9 @@ def precompute(cfg: PrecomputeConfig) -> dict:
 
     The output folder is locked for the whole run (shared by the ranks of one capture, exclusive otherwise)."""
     cfg.resolve()
+    if cfg.tp > 1:  # load option and group arithmetic exist (pipeline/head.py tp_groups); the capture loop is not split yet
+        raise UserError(f"--tp {cfg.tp}: tensor-parallel capture is not wired into the capture loop yet; use --device-map auto "
+                        "(one process per node, the teacher spread over its GPUs) with --rank/--world-size across nodes")
     remote = None
     if is_url(cfg.out):  # a bucket: this rank captures into a local staging folder and uploads (format/remote.py)
         remote = RemoteOutput(cfg.out, parse_storage_options(cfg.storage_options), cfg.stage_dir, cfg.rank, cfg.world_size)

@@ -50,8 +50,11 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
     require_causal_lm(config, f"--teacher {name}")
     try:
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        if device_map:
-            extra |= {"device_map": device_map} | ({"max_memory": max_memory} if max_memory else {})
+        if device_map:  # what fits nowhere in max_memory goes to a private temporary folder (accelerate's disk offload)
+            import tempfile
+
+            offload = tempfile.TemporaryDirectory(prefix="distill-offload-")
+            extra |= {"device_map": device_map, "offload_folder": offload.name} | ({"max_memory": max_memory} if max_memory else {})
         if tp_plan:
             extra |= {"tp_plan": tp_plan, "tp_size": tp_size}
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
@@ -67,6 +70,8 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
     except ImportError as e:  # e.g. --device-map without accelerate, or a flash attention kernel not installed
         raise UserError(f"--teacher {name}: {describe(e)}")
     model = (model if device_map or tp_plan else model.to(device)).eval()
+    if device_map:
+        model._distill_offload = offload  # removed with the model
     require_causal_model(model, f"--teacher {name}")  # float32 teachers: also checked by behaviour
     return model
 

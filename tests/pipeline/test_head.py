@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import PrecomputeConfig, parse_max_memory
-from pipeline.head import ChunkedHead, chunk_slices, chunked_targets
+from pipeline.head import ChunkedHead, chunk_slices, chunked_targets, tp_groups
 from pipeline.precompute import precompute
 from pipeline.targets import sampled_targets, topk_targets
 from tests.conftest import save_tiny_model
@@ -149,3 +149,34 @@ def test_placement_settings_are_checked():
             PrecomputeConfig(**base, **bad).resolve()
     cfg = PrecomputeConfig(**base, tp=2, attn_implementation="eager").resolve()
     assert cfg.load_options() == {"attn_implementation": "eager", "device_map": None, "max_memory": None, "tp_plan": "auto", "tp_size": 2}
+
+
+def test_device_map_split_with_max_memory_writes_the_same_shards(teachers, corpus_dir, tmp_path):
+    """accelerate's placement: with a tiny CPU budget the embeddings stay on the CPU and the rest (lm_head included) is
+    offloaded; the capture, chunked head included, writes what the single-device capture writes."""
+    pytest.importorskip("accelerate")
+    from pipeline.teacher import load_teacher
+
+    model = load_teacher(str(teachers("llama")), None, torch.float32, torch.device("cpu"), False, device_map="auto",
+                         max_memory=parse_max_memory("cpu=150KB"))
+    placed = set(model.hf_device_map.values())
+    assert "cpu" in placed and len(placed) > 1  # really split
+    plain = run(teachers("llama"), [corpus_dir], tmp_path / "plain", head_chunk=0)
+    for chunk in (0, 12):
+        split = run(teachers("llama"), [corpus_dir], tmp_path / f"split{chunk}", head_chunk=chunk, device_map="auto", max_memory="cpu=150KB")
+        assert shard_files(split) == shard_files(plain)
+
+
+def test_tp_groups_assign_shards_to_replicas_as_ranks_were():
+    assert [tp_groups(r, 8, 8) for r in (0, 7)] == [(0, 1, 0), (0, 1, 7)]
+    groups = [tp_groups(r, 16, 8) for r in range(16)]
+    assert groups[:8] == [(0, 2, m) for m in range(8)] and groups[8:] == [(1, 2, m) for m in range(8)]
+    writers = [r for r in range(16) if groups[r][2] == 0]
+    assert writers == [0, 8]
+    # shard i belongs to group i % groups, exactly as it belonged to rank i % world_size with one process per replica
+    n_shards = 11
+    by_group = {g: [s for s in range(n_shards) if s % 2 == g] for g in range(2)}
+    assert by_group == {0: [0, 2, 4, 6, 8, 10], 1: [1, 3, 5, 7, 9]}
+    assert tp_groups(5, 6, 1) == (5, 6, 0)  # --tp 1: every rank its own replica, as today
+    with pytest.raises(ValueError):
+        tp_groups(0, 6, 4)
