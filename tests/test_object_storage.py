@@ -120,6 +120,16 @@ def test_ranks_on_machines_without_a_shared_disk(s3, tmp_path, teacher_dir, corp
     local = tmp_path / "local"
     precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(local), **SMALL))
     assert shard_checksums("s3://teams/ranks") == shard_checksums(local)
+    # a rank ending after another one wrote the manifest gets that manifest (precompute returns it), and adds nothing
+    from pipeline.format.remote import RemoteOutput
+
+    late = RemoteOutput("s3://teams/ranks", {}, str(tmp_path / "late"), 1, 2)
+    (late.stage / "_progress").mkdir(parents=True)
+    (late.stage / "_progress" / "rank-00001-of-00002-1.json").write_text("{}")
+    with pytest.raises(FileNotFoundError):
+        late.exchange(late.stage / "_progress")
+    assert json.loads((late.stage / "manifest.json").read_text()) == m
+    assert not bucket().exists("teams/ranks/_progress")
 
 
 def precompute_cmd(teacher, data, out, *extra):

@@ -196,18 +196,28 @@ class RemoteOutput:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def exchange(self, progress: Path) -> None:
-        """At a rank's end: upload its session record, download every rank's markers and records."""
+        """At a rank's end: upload its session record, download every rank's markers and records.
+
+        When another rank has finished the dataset meanwhile (its manifest is there, `_progress/` gone or going), the
+        manifest is brought into staging and FileNotFoundError raised: precompute then returns that manifest, as it
+        does when a rank sharing a local folder finishes at the same moment."""
         self.fs.invalidate_cache()
-        if self.fs.exists(self._remote(MANIFEST)):
-            return  # another rank finished the dataset
-        self._push_settings(progress.parent)
-        remote = self._names(PROGRESS_DIR)
-        for p in sorted(progress.glob("rank-*.json")):
-            if p.name not in remote:
-                self.fs.put_file(str(p), self._remote(f"{PROGRESS_DIR}/{p.name}"))
-        for name in sorted(remote):
-            if name.startswith(("shard-", "rank-")) and name.endswith(".json") and not (progress / name).exists():
-                self._get(f"{PROGRESS_DIR}/{name}", progress / name)
+        try:
+            if self.fs.exists(self._remote(MANIFEST)):
+                raise FileNotFoundError(self._remote(f"{PROGRESS_DIR}"))
+            self._push_settings(progress.parent)
+            remote = self._names(PROGRESS_DIR)
+            for p in sorted(progress.glob("rank-*.json")):
+                if p.name not in remote:
+                    self.fs.put_file(str(p), self._remote(f"{PROGRESS_DIR}/{p.name}"))
+            for name in sorted(remote):
+                if name.startswith(("shard-", "rank-")) and name.endswith(".json") and not (progress / name).exists():
+                    self._get(f"{PROGRESS_DIR}/{name}", progress / name)
+        except FileNotFoundError:
+            self.fs.invalidate_cache()
+            if self.fs.exists(self._remote(MANIFEST)):
+                self._get(MANIFEST, progress.parent / MANIFEST)
+            raise
 
     def push_manifest(self, stage: Path) -> None:
         """Upload the tokenizer, then the manifest (last: it makes the dataset exist), then drop `_progress/`."""
