@@ -35,7 +35,8 @@ class PrecomputeConfig:
     data: list[str]
     """Corpus: files (.txt, .jsonl/.json, .parquet, .arrow) or folders; other files in a folder are one document each."""
     out: str
-    """Dataset folder to write. Rerunning the same command on it resumes after the last complete shard."""
+    """Dataset folder or URL to write (s3://bucket/prefix or any fsspec URL: shards are staged locally, uploaded, the
+    manifest last). Rerunning the same command on it resumes after the last complete shard."""
     text_column: str = "text"
     """Column holding the text in .jsonl/.json/.parquet/.arrow inputs."""
     top_k: int = 64
