@@ -251,6 +251,17 @@ def wait_for(pred, timeout: float, proc=None, poll: float = 0.002) -> bool:
     return False
 
 
+def timed_run(cmd, out: Path) -> tuple[float, Result]:
+    """Run to the end; also return when `out` appeared (seconds after the start): where the command's writing begins."""
+    start = time.time()
+    proc = popen(cmd)
+    wait_for(lambda: os.path.lexists(out), TIMEOUT, proc)
+    first = time.time() - start
+    r = finish(proc, TIMEOUT)
+    r.seconds = time.time() - start
+    return min(first, r.seconds), r
+
+
 def sigkill(proc: subprocess.Popen) -> bool:
     """True when the process was still running and got killed."""
     alive = proc.poll() is None
@@ -327,12 +338,13 @@ def r1(f: Fixtures, work: Path, kills: int, windows: int, rng: random.Random) ->
     i_max = f.precompute_args.index("--max-tokens") + 1
     args = f.precompute_args[:i_max] + [windows * T] + f.precompute_args[i_max + 1:]
     out = work / "r1-reference"
-    r = run(distill("precompute", *args, "--out", out))
+    first, r = timed_run(distill("precompute", *args, "--out", out), out)
     if r.rc != 0:
         s.add("uninterrupted run", False, r.describe())
         return s
     reference, wall = dataset_files(out), r.seconds
-    s.notes.append(f"uninterrupted precompute: {wall:.1f} s wall; {len([k for k in reference if k.endswith('.arrow')])} shards")
+    s.notes.append(f"uninterrupted precompute: {wall:.1f} s wall, --out created at {first:.1f} s; "
+                   f"{len([k for k in reference if k.endswith('.arrow')])} shards; random delays drawn in that window")
     triggers = ["delay", "shard", "zarr", "progress", "manifest"]
     for i in range(kills):
         trigger = triggers[i % len(triggers)] if i < kills // 2 else "delay"
@@ -340,22 +352,23 @@ def r1(f: Fixtures, work: Path, kills: int, windows: int, rng: random.Random) ->
         proc = popen(distill("precompute", *args, "--out", out))
         shards = out / "shards"
         if trigger == "delay":
-            time.sleep(rng.uniform(0.3, wall * 0.95))
-            what = "random delay"
+            delay = rng.uniform(first, wall)
+            time.sleep(delay)
+            what = f"after {delay:.2f} s"
         elif trigger == "shard":
             n = rng.randrange(1, max(2, len([k for k in reference if k.endswith('.arrow')])))
-            wait_for(lambda: shards.is_dir() and sum(1 for _ in shards.glob("*.arrow*")) >= n, TIMEOUT, proc)
+            wait_for(lambda shards=shards, n=n: shards.is_dir() and sum(1 for _ in shards.glob("*.arrow*")) >= n, TIMEOUT, proc)
             time.sleep(rng.uniform(0, 0.02))
             what = f"as shard file {n} appeared"
         elif trigger == "zarr":
             n = rng.randrange(1, 4)
-            wait_for(lambda: shards.is_dir() and sum(1 for _ in shards.glob("*.zarr*")) >= n, TIMEOUT, proc)
+            wait_for(lambda shards=shards, n=n: shards.is_dir() and sum(1 for _ in shards.glob("*.zarr*")) >= n, TIMEOUT, proc)
             what = f"as zarr folder {n} appeared"
         elif trigger == "progress":
-            wait_for(lambda: (out / "_progress").exists(), TIMEOUT, proc)
+            wait_for(lambda out=out: (out / "_progress").exists(), TIMEOUT, proc)
             what = "as _progress/ appeared"
         else:
-            wait_for(lambda: out.is_dir() and any(p.name.startswith("manifest") for p in out.iterdir()), TIMEOUT, proc)
+            wait_for(lambda out=out: out.is_dir() and any(p.name.startswith("manifest") for p in out.iterdir()), TIMEOUT, proc)
             what = "as the manifest write began"
         killed = sigkill(proc)
         rerun = run(distill("precompute", *args, "--out", out))
@@ -403,23 +416,25 @@ def r2(f: Fixtures, work: Path, kills: int, rng: random.Random) -> Section:
     s = Section("R2", "train killed with SIGKILL, --resume: identical final weights")
     ref = work / "r2-ref"
     sleep = 0.25
-    r = run(distill("train", *train_args(f, ref), "--step-sleep", sleep))
+    first, r = timed_run(distill("train", *train_args(f, ref), "--step-sleep", sleep), ref)
     if r.rc != 0:
         s.add("uninterrupted run", False, r.describe())
         return s
     reference, wall = load_weights(ref), r.seconds
-    s.notes.append(f"uninterrupted train: 12 steps, --step-sleep {sleep}, {wall:.1f} s wall")
+    s.notes.append(f"uninterrupted train: 12 steps, --save-every 3, --step-sleep {sleep}, {wall:.1f} s wall, --out created "
+                   f"at {first:.1f} s; random delays drawn in that window")
     for i in range(kills):
         out = work / f"r2-{i}"
         proc = popen(distill("train", *train_args(f, out), "--step-sleep", sleep))
         if i % 3 == 2:  # right when a checkpoint is being written
             ck = out / "checkpoints"
-            wait_for(lambda: ck.is_dir() and any(ck.iterdir()), TIMEOUT, proc)
+            wait_for(lambda ck=ck: ck.is_dir() and any(ck.iterdir()), TIMEOUT, proc)
             time.sleep(rng.uniform(0, 0.05))
             what = "as the first checkpoint write began"
         else:
-            time.sleep(rng.uniform(0.5, wall * 0.95))
-            what = "random delay"
+            delay = rng.uniform(first, wall)
+            time.sleep(delay)
+            what = f"after {delay:.2f} s"
         killed = sigkill(proc)
         rerun = run(distill("train", *train_args(f, out), "--step-sleep", 0, "--resume"))
         name = f"kill {i + 1} ({what})" + ("" if killed else " [had already finished]")
@@ -461,52 +476,59 @@ def semantically_same_json(a: bytes, b: bytes) -> bool:
     return x == y
 
 
-def r3(f: Fixtures, work: Path, per_kind: int, rng: random.Random) -> Section:
+def r3(f: Fixtures, work: Path, per_kind: int, rng: random.Random, only: str = "", jobs: int = 1) -> Section:
     s = Section("R3", "one byte flipped: detected by verify and by train before it uses the data")
-    kinds = file_kinds(f.dataset)
+    kinds = {k: v for k, v in file_kinds(f.dataset).items() if only.lower() in k.lower()}
+    flips = []  # (kind, file, offset, xor): drawn up front so the cases do not depend on the order they finish in
     for kind, files in kinds.items():
-        for j in range(per_kind):
-            ds = work / "r3-ds"
-            shutil.rmtree(ds, ignore_errors=True)
-            shutil.copytree(f.dataset, ds, symlinks=True)
+        for _ in range(per_kind):
             src = rng.choice(files)
-            target = ds / src.relative_to(f.dataset)
-            data = bytearray(target.read_bytes())
-            if not data:
-                continue
-            off = rng.randrange(len(data))
-            original = bytes(data)
-            data[off] ^= rng.randrange(1, 256)
-            target.write_bytes(bytes(data))
-            rel = target.relative_to(ds)
-            name = f"{kind}: {rel} byte {off}"
-            harmless = target.suffix == ".json" and target.name == "manifest.json" and semantically_same_json(original, bytes(data))
-            v = run(distill("verify", ds, "--no-progress"), timeout=120)
-            out = work / "r3-run"
-            shutil.rmtree(out, ignore_errors=True)
-            t = run(distill("train", *full_pass_args(f, out, ds)), timeout=180)
-            model_written = (out / "model").exists()
-            v_ok, v_detail = clean_refusal(v)
-            t_ok, t_detail = clean_refusal(t)
-            if harmless:  # whitespace or timing only: exit 0 or a clean refusal are both right
-                ok = (v.rc == 0 or v_ok) and (t.rc == 0 or t_ok)
-                s.add(name + " (no-op edit)", ok, f"verify {v.describe()}; train {t.describe()}")
-            else:
-                ok = v_ok and t_ok and not model_written
-                detail = f"verify {v_detail}; train {t_detail}" + ("; train wrote model/" if model_written else "")
-                s.add(name, ok, detail if not ok else f"verify: {v.last_line[:90]} | train: {t.last_line[:90]}")
-            shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(work / "r3-ds", ignore_errors=True)
+            flips.append((kind, src, rng.randrange(src.stat().st_size), rng.randrange(1, 256)))
+
+    def one(i, kind, src, off, xor):
+        ds, out = work / f"r3-ds-{i}", work / f"r3-run-{i}"
+        shutil.copytree(f.dataset, ds, symlinks=True)
+        target = ds / src.relative_to(f.dataset)
+        original = target.read_bytes()
+        data = bytearray(original)
+        data[off] ^= xor
+        target.write_bytes(bytes(data))
+        name = f"{kind}: {target.relative_to(ds)} byte {off} ^ 0x{xor:02x}"
+        harmless = target.name == "manifest.json" and semantically_same_json(original, bytes(data))
+        v = run(distill("verify", ds, "--no-progress"), timeout=120)
+        t = run(distill("train", *full_pass_args(f, out, ds)), timeout=180)
+        model_written = (out / "model").exists()
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ds, ignore_errors=True)
+        v_ok, v_detail = clean_refusal(v)
+        t_ok, t_detail = clean_refusal(t)
+        if harmless:  # whitespace or timing only: exit 0 or a clean refusal are both right
+            return name + " (no-op edit)", (v.rc == 0 or v_ok) and (t.rc == 0 or t_ok), f"verify {v.describe()}; train {t.describe()}"
+        ok = v_ok and t_ok and not model_written
+        detail = f"verify {v_detail}; train {t_detail}" + ("; train wrote model/" if model_written else "")
+        return name, ok, detail if not ok else f"verify: {v.last_line[:90]} | train: {t.last_line[:90]}"
+
+    run_cases(s, [lambda i=i, fl=fl: one(i, *fl) for i, fl in enumerate(flips)], jobs)
     return s
+
+
+def run_cases(s: Section, cases: list, jobs: int) -> None:
+    """Run independent cases (callables returning (name, ok, detail)) on `jobs` threads; results kept in case order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for name, ok, detail in pool.map(lambda c: c(), cases):
+            s.add(name, ok, detail)
 
 
 # --- R4: bad inputs ----------------------------------------------------------------------------------------------------
 
 
 class Mount:
-    """A tiny tmpfs (size) or a read-only bind mount of an empty folder; None when mounting is not allowed here."""
+    """A tiny tmpfs (size) or, without size, a read-only bind mount of an empty folder (root ignores permission bits);
+    ok is False when mounting is not allowed here."""
 
-    def __init__(self, path: Path, size: str | None = None, readonly: bool = False):
+    def __init__(self, path: Path, size: str | None = None):
         self.path, self.ok = path, False
         path.mkdir(parents=True, exist_ok=True)
         if size:
@@ -521,7 +543,7 @@ class Mount:
             self.close()
 
     def close(self) -> None:
-        subprocess.run(["umount", str(self.path)], capture_output=True, timeout=20)
+        subprocess.run(["umount", str(self.path)], capture_output=True, timeout=20, check=False)
 
 
 def newer_format(src: Path, out: Path) -> Path:
@@ -533,7 +555,7 @@ def newer_format(src: Path, out: Path) -> Path:
     return out
 
 
-def r4(f: Fixtures, work: Path, quick: bool) -> Section:
+def r4(f: Fixtures, work: Path, quick: bool, only: str = "", jobs: int = 1) -> Section:
     s = Section("R4", "bad inputs: one-line error, exit != 0, no traceback, nothing existing changed")
     w = work / "r4"
     w.mkdir()
@@ -571,7 +593,7 @@ def r4(f: Fixtures, work: Path, quick: bool) -> Section:
             extra = post()
             if extra:
                 ok, detail = False, f"{extra}; {detail}"
-        s.add(name, ok, detail)
+        return name, ok, detail
 
     def pre(**over):
         args = list(p_args)
@@ -583,7 +605,9 @@ def r4(f: Fixtures, work: Path, quick: bool) -> Section:
                 args += [flag, v]
         return args
 
-    t_base = lambda out, **kw: train_args(f, out, steps=2, **kw)  # noqa: E731
+    def t_base(out, **kw):
+        return train_args(f, out, steps=2, **kw)
+
     cases = [
         ("precompute --out is a file", distill("precompute", *p_args, "--out", a_file)),
         ("precompute --out is a non-empty folder of the user's files", distill("precompute", *p_args, "--out", busy)),
@@ -635,17 +659,17 @@ def r4(f: Fixtures, work: Path, quick: bool) -> Section:
     if quick:
         cases = [c for c in cases if c[0] in ("precompute --out is a file", "verify FILE (not a folder)",
                                               "precompute --data is a zero-byte .jsonl", "eval --batch-size 0")]
-    for name, cmd in cases:
-        case(name, cmd)
-    if quick:
+    cases = [c for c in cases if only.lower() in c[0].lower()]
+    run_cases(s, [lambda name=name, cmd=cmd: case(name, cmd) for name, cmd in cases], jobs)
+    if quick or only:
         return s
 
     # Read-only output folder: a read-only bind mount (root ignores permission bits).
     ro = Mount(w / "ro")
     if ro.ok:
         try:
-            case("precompute --out inside a read-only folder", distill("precompute", *p_args, "--out", ro.path / "ds"))
-            case("train --out inside a read-only folder", distill("train", *t_base(ro.path / "run")))
+            s.add(*case("precompute --out inside a read-only folder", distill("precompute", *p_args, "--out", ro.path / "ds")))
+            s.add(*case("train --out inside a read-only folder", distill("train", *t_base(ro.path / "run"))))
         finally:
             ro.close()
     else:
@@ -656,7 +680,7 @@ def r4(f: Fixtures, work: Path, quick: bool) -> Section:
         full = Mount(w / f"full-{label}", size="96k")
         if full.ok:
             try:
-                case(f"{label} on a full disk (96 KiB tmpfs)", cmd_of(full.path))
+                s.add(*case(f"{label} on a full disk (96 KiB tmpfs)", cmd_of(full.path)))
             finally:
                 full.close()
         else:
@@ -776,7 +800,7 @@ def arrow_drop_row(table):
     return table.slice(0, table.num_rows - 1)
 
 
-def r5(f: Fixtures, work: Path, quick: bool) -> Section:
+def r5(f: Fixtures, work: Path, quick: bool, only: str = "", jobs: int = 1) -> Section:
     s = Section("R5", "malicious datasets: refused by verify and train, nothing outside read or written")
     w = work / "r5"
     w.mkdir()
@@ -875,15 +899,14 @@ def r5(f: Fixtures, work: Path, quick: bool) -> Section:
     if quick:
         crafts = [c for c in crafts if c[0] in ("manifest shard name '../escape'", "a FIFO as a shard",
                                                 "symlink: shards/00000.arrow -> outside copy")]
-    for name, craft in crafts:
-        ds = w / "ds"
-        shutil.rmtree(ds, ignore_errors=True)
+    crafts = [c for c in crafts if only.lower() in c[0].lower()]
+
+    def one(i, name, craft):
+        ds, out = w / f"ds-{i}", w / f"run-{i}"
         shutil.copytree(f.dataset, ds, symlinks=True)
         craft(ds)
         before = tree_digest(outside, f.root)
         v = run(distill("verify", ds, "--no-progress"), timeout=60)
-        out = w / "run"
-        shutil.rmtree(out, ignore_errors=True)
         t = run(distill("train", *full_pass_args(f, out, ds)), timeout=120)
         after = tree_digest(outside, f.root)
         v_ok, v_detail = clean_refusal(v)
@@ -897,12 +920,13 @@ def r5(f: Fixtures, work: Path, quick: bool) -> Section:
             problems.append("train wrote model/")
         if marker.exists():
             problems.append("the tokenizer's code ran")
-            marker.unlink()
         if before != after:
             problems.append(f"outside changed: {digest_diff(before, after)}")
-        s.add(name, not problems, "; ".join(problems) if problems else f"verify: {v.last_line[:90]} | train: {t.last_line[:90]}")
         shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(w / "ds", ignore_errors=True)
+        shutil.rmtree(ds, ignore_errors=True)
+        return name, not problems, "; ".join(problems) if problems else f"verify: {v.last_line[:90]} | train: {t.last_line[:90]}"
+
+    run_cases(s, [lambda i=i, c=c: one(i, *c) for i, c in enumerate(crafts)], jobs)
     return s
 
 
@@ -915,9 +939,9 @@ def md_escape(text: str) -> str:
 
 def report(sections: list[Section], args, seconds: float) -> str:
     lines = ["# Reliability (R1-R5)", "",
-             f"`python scripts/bench_reliability.py{' --quick' if args.quick else ''} --seed {args.seed}`, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds / 60:.1f} min, "
-             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.", "",
+             (f"`python scripts/bench_reliability.py{' --quick' if args.quick else ''} --seed {args.seed}`, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds / 60:.1f} min, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end."), "",
              "| | what | passed |", "| --- | --- | --- |"]
     for s in sections:
         lines.append(f"| {s.key} | {s.title} | {s.passed}/{len(s.cases)} |")
@@ -937,6 +961,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few cases per section (~1 min)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill points and flipped bytes")
     p.add_argument("--only", default="R1,R2,R3,R4,R5", help="comma-separated sections to run")
+    p.add_argument("--case", default="", help="R3-R5: run only the cases (R3: file kinds) whose name holds this text")
+    p.add_argument("--jobs", type=int, default=2, help="R3-R5: cases run at once (each is a few subprocesses)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
     p.add_argument("--out", default=str(REPO / ".cache" / "bench" / "reliability.md"), help="markdown report")
     args = p.parse_args(argv)
@@ -950,15 +976,15 @@ def main(argv=None) -> int:
         f = build_fixtures(work / "fx", windows=48 if args.quick else 96)
         sections = []
         if "R1" in only:
-            sections.append(r1(f, work, 2 if args.quick else 20, 64 if args.quick else 384, rng))
+            sections.append(r1(f, work, 2 if args.quick else 20, 64 if args.quick else 192, rng))
         if "R2" in only:
             sections.append(r2(f, work, 1 if args.quick else 10, rng))
         if "R3" in only:
-            sections.append(r3(f, work, 1 if args.quick else 6, rng))
+            sections.append(r3(f, work, 1 if args.quick else 7, rng, args.case, args.jobs))
         if "R4" in only:
-            sections.append(r4(f, work, args.quick))
+            sections.append(r4(f, work, args.quick, args.case, args.jobs))
         if "R5" in only:
-            sections.append(r5(f, work, args.quick))
+            sections.append(r5(f, work, args.quick, args.case, args.jobs))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
