@@ -221,6 +221,14 @@ def test_cache_checks_arrivals_and_stays_bounded(s3, tmp_path, dataset_dir):  # 
         assert (a.column(col) == b.column(col)).all()
     assert (a.hidden(2)[:] == b.hidden(2)[:]).all()
     del a
+    # fetched ahead: with the plan known, shards 1 and 2 arrive (checked) while shard 0 is being read
+    ds.cache.plan([0, 1, 2])
+    first = ds.open_shard(0)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(list((tmp_path / "c").rglob("*.ready"))) < 3:
+        time.sleep(0.05)
+    assert sorted(p.name for p in (tmp_path / "c").rglob("*.ready")) == ["00000.ready", "00001.ready", "00002.ready"]
+    del first
 
     # a limit of about two shards: reading all three in turn evicts the oldest unused one
     ds = open_dataset("s3://teams/cached", cache_dir=tmp_path / "small", cache_gb=(sizes[0] + sizes[1] + 10) / 1e9)
