@@ -4,9 +4,9 @@ Called by the capture (`pipeline.precompute`) after `pipeline.chat.tokenize_exam
 L - 1 positions: inputs ids[:-1], labels ids[1:], loss_mask trained[1:] (its last token is only a label; nothing is
 predicted after it). Three layouts:
 
-- packed (`--packing`, default for text): examples are placed one after another; an example that fits in the space left
-  in the window goes there, one that does not starts the next window (the rest of the window is padding), so an
-  example never straddles two windows when it fits in one. `position_ids` restart at 0 at each example: transformers
+- packed (`--packing`, default for text): an example goes into the first of the few most recent windows with room for
+  all of it, else it starts a new window (what is left of a window at the end is padding), so an example never
+  straddles two windows when it fits in one. `position_ids` restart at 0 at each example: transformers
   builds a block-diagonal causal mask from them, so packed examples do not see each other (`packing_masks_supported`).
 - unpacked (`--no-packing`): each example starts its own window; the rest is padding.
 - cross-document (`--cross-document-attention`): today's pretraining stream: every token of every example in one
@@ -33,6 +33,10 @@ from pathlib import Path
 import numpy as np
 
 LONG = ("split", "truncate")
+# How many recent windows stay open for examples that fit: first fit over a few windows fills them far better than strict
+# order (the held-out stdlib conversations at --seq-len 512: 95% of positions used instead of 79%), while an example
+# moves back at most this many windows.
+OPEN_WINDOWS = 8
 # The capture's example files (in `_progress/`, beside today's tokens.bin): every example's tokens and trained flags one
 # after another, and the offsets where each example starts.
 EXAMPLE_FILES = ("example_tokens.bin", "example_trained.bin", "example_offsets.bin")
@@ -88,14 +92,19 @@ class Plan:
 
 
 def plan_windows(lengths: np.ndarray, seq_len: int, packing: bool = True, long: str = "split",
-                 stats: PackingStats | None = None) -> Plan:
-    """Place examples of `lengths` tokens each (L, so L - 1 positions) into windows of `seq_len` positions."""
+                 stats: PackingStats | None = None, open_windows: int = OPEN_WINDOWS) -> Plan:
+    """Place examples of `lengths` tokens each (L, so L - 1 positions) into windows of `seq_len` positions.
+
+    Packed: an example (or the last, partial piece of a split one) goes into the first of the `open_windows` most
+    recent windows with room for all of it, else into a new window; full pieces take a new window each. Deterministic,
+    and near the input order (an example moves back at most `open_windows` windows)."""
     if long not in LONG:
         raise ValueError(f"long={long!r}; expected one of {LONG}")
     stats = stats if stats is not None else PackingStats()
     T = seq_len
     win, off, ex, start, length = [], [], [], [], []
-    w, used = 0, 0  # current window and positions used in it
+    used: dict[int, int] = {}  # open windows (the most recent, not full) -> positions used
+    windows = 0
     for i, n_tokens in enumerate(np.asarray(lengths, np.int64)):
         n = int(n_tokens) - 1
         if n < 1:
@@ -109,19 +118,24 @@ def plan_windows(lengths: np.ndarray, seq_len: int, packing: bool = True, long: 
                 stats.truncated += 1
                 stats.dropped_positions += n - T
                 n = T
-        if used and (not packing or used + min(n, T) > T):
-            w, used = w + 1, 0
         for s in range(0, n, T):
-            if used == T:
-                w, used = w + 1, 0
             piece = min(T, n - s)
-            win.append(w), off.append(used), ex.append(i), start.append(s), length.append(piece)
-            used += piece
+            w = next((w for w, u in used.items() if u + piece <= T), None) if packing else None
+            if w is None:
+                w, windows = windows, windows + 1
+                used[w] = 0
+                if len(used) > open_windows:
+                    del used[min(used)]
+            win.append(w), off.append(used[w]), ex.append(i), start.append(s), length.append(piece)
+            used[w] += piece
+            if used[w] == T or not packing:
+                del used[w]
         stats.positions += n
-    windows = w + 1 if win else 0
     stats.windows += windows
     stats.padding += windows * T - sum(length)
-    return Plan(T, windows, *(np.asarray(a, np.int64) for a in (win, off, ex, start, length)))
+    arrays = [np.asarray(a, np.int64) for a in (win, off, ex, start, length)]
+    order = np.lexsort((arrays[1], arrays[0]))  # by window, then offset
+    return Plan(T, windows, *(a[order] for a in arrays))
 
 
 def make_windows(tokens: np.ndarray, trained: np.ndarray, offsets: np.ndarray, plan: Plan, first: int, count: int,

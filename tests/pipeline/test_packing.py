@@ -27,10 +27,13 @@ def segments(plan):
 
 def test_plan_never_straddles_an_example_that_fits():
     stats = PackingStats()
-    # positions per example: 3, 4, 2, 6, 1 (lengths are tokens: positions + 1)
+    # positions per example: 3, 4, 2, 6, 1 (lengths are tokens: positions + 1); the last one fills window 0's gap
     plan = plan_windows(np.array([4, 5, 3, 7, 2]), seq_len=8, stats=stats)
-    assert segments(plan) == [(0, 0, 0, 0, 3), (0, 3, 1, 0, 4), (1, 0, 2, 0, 2), (1, 2, 3, 0, 6), (2, 0, 4, 0, 1)]
-    assert (plan.windows, stats.examples, stats.positions, stats.padding) == (3, 5, 16, 8)
+    assert segments(plan) == [(0, 0, 0, 0, 3), (0, 3, 1, 0, 4), (0, 7, 4, 0, 1), (1, 0, 2, 0, 2), (1, 2, 3, 0, 6)]
+    assert (plan.windows, stats.examples, stats.positions, stats.padding) == (2, 5, 16, 0)
+    # one open window: strict order, the gap stays padding
+    strict = plan_windows(np.array([4, 5, 3, 7, 2]), seq_len=8, open_windows=1)
+    assert [s[:3] for s in segments(strict)] == [(0, 0, 0), (0, 3, 1), (1, 0, 2), (1, 2, 3), (2, 0, 4)]
     unpacked = plan_windows(np.array([4, 5, 3]), seq_len=8, packing=False)
     assert [s[:2] for s in segments(unpacked)] == [(0, 0), (1, 0), (2, 0)]
 
@@ -38,11 +41,11 @@ def test_plan_never_straddles_an_example_that_fits():
 def test_long_examples_split_or_truncate_and_are_counted():
     stats = PackingStats()
     plan = plan_windows(np.array([3, 20, 3]), seq_len=8, stats=stats)  # 2, 19, 2 positions
-    assert segments(plan) == [(0, 0, 0, 0, 2), (1, 0, 1, 0, 8), (2, 0, 1, 8, 8), (3, 0, 1, 16, 3), (3, 3, 2, 0, 2)]
+    assert segments(plan) == [(0, 0, 0, 0, 2), (0, 2, 1, 16, 3), (0, 5, 2, 0, 2), (1, 0, 1, 0, 8), (2, 0, 1, 8, 8)]
     assert (stats.split, stats.truncated, stats.positions) == (1, 0, 23)
     stats = PackingStats()
     plan = plan_windows(np.array([3, 20, 3, 1]), seq_len=8, long="truncate", stats=stats)
-    assert segments(plan) == [(0, 0, 0, 0, 2), (1, 0, 1, 0, 8), (2, 0, 2, 0, 2)]
+    assert segments(plan) == [(0, 0, 0, 0, 2), (0, 2, 2, 0, 2), (1, 0, 1, 0, 8)]
     assert (stats.truncated, stats.dropped_positions, stats.empty) == (1, 11, 1)
     assert "1 longer than a window truncated (11 positions dropped)" in stats.summary()
 
@@ -50,20 +53,25 @@ def test_long_examples_split_or_truncate_and_are_counted():
 def test_window_contents_labels_masks_and_restarting_positions():
     a = example([10, 11, 12, 13], [0, 0, 1, 1])  # a prompt token, then two trained labels
     b = example([20, 21, 22], [0, 1, 1])
-    c = example(list(range(30, 42)))  # 11 positions: split over two windows of 8
+    c = example(list(range(30, 42)))  # 11 positions: a piece of 8 and one of 3
+    padded = next(iter_windows([a, b], seq_len=8, pad_id=PAD))
+    assert padded["input_ids"].tolist() == [[10, 11, 12, 20, 21, PAD, PAD, PAD]]
+    assert padded["labels"].tolist() == [[11, 12, 13, 21, 22, PAD, PAD, PAD]]
+    assert padded["loss_mask"].tolist() == [[0, 1, 1, 1, 1, 0, 0, 0]]
+    assert padded["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]  # padding continues the last block
     windows = list(iter_windows([a, b, c], seq_len=8, pad_id=PAD))
-    first = windows[0]
-    assert first["input_ids"].tolist() == [[10, 11, 12, 20, 21, PAD, PAD, PAD]]
-    assert first["labels"].tolist() == [[11, 12, 13, 21, 22, PAD, PAD, PAD]]
-    assert first["loss_mask"].tolist() == [[0, 1, 1, 1, 1, 0, 0, 0]]
-    assert first["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]  # padding continues the last block
-    assert windows[1]["input_ids"].tolist() == [list(range(30, 38))]
-    assert windows[2]["input_ids"].tolist() == [[38, 39, 40, PAD, PAD, PAD, PAD, PAD]]
-    assert windows[2]["labels"][0, :3].tolist() == [39, 40, 41]
-    assert windows[2]["position_ids"].tolist() == [list(range(8))]  # a piece restarts at 0
+    assert len(windows) == 2
+    first, second = windows
+    assert first["input_ids"].tolist() == [[10, 11, 12, 20, 21, 38, 39, 40]]  # c's last piece fills the gap
+    assert first["labels"].tolist() == [[11, 12, 13, 21, 22, 39, 40, 41]]
+    assert first["loss_mask"].tolist() == [[0, 1, 1, 1, 1, 1, 1, 1]]
+    assert first["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]  # a piece restarts at 0
+    assert second["input_ids"].tolist() == [list(range(30, 38))]
+    assert second["position_ids"].tolist() == [list(range(8))]
     # ranks take windows w % world_size; together they are the single-process windows
     split = [w for r in range(2) for w in iter_windows([a, b, c], 8, PAD, rank=r, world_size=2)]
-    assert sorted(int(w["window_index"][0]) for w in split) == [0, 1, 2]
+    assert sorted(int(w["window_index"][0]) for w in split) == [0, 1]
+    assert np.array_equal(split[1]["input_ids"], second["input_ids"])
     batched = list(iter_windows([a, b, c], 8, PAD, batch=2))
     assert batched[0]["input_ids"].shape == (2, 8) and batched[0]["window_index"].tolist() == [0, 1]
 
