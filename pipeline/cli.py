@@ -64,6 +64,7 @@ def _h(name):
 @click.option("--device-map", default=None, help=_h("device_map"))
 @click.option("--max-memory", default=None, help=_h("max_memory"))
 @click.option("--tp", default=1, show_default=True, type=int, help=_h("tp"))
+@click.option("--license", default=None, help=_h("license"))
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def precompute(hidden_layers, no_progress, data, **kw):
     """Run a teacher over a corpus once and write its top-k log-probs (and hidden states) as a dataset."""

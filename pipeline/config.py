@@ -100,6 +100,8 @@ class PrecomputeConfig:
     """Tensor parallel degree under torchrun: the teacher is split with transformers' tp_plan across groups of this
     many processes (ranks r..r+N-1 of one node); each group is one data-parallel replica that takes the shards one rank
     took before, and its first rank writes them."""
+    license: str | None = None
+    """License id written into the dataset card (README.md front matter), e.g. apache-2.0 or cc-by-4.0."""
     progress: bool = True
     """Show progress bars."""
     command: list[str] | None = None
@@ -181,6 +183,13 @@ class PrecomputeConfig:
             problems.append(f"--stage-dir {self.stage_dir} is a URL; it is the local folder shards are written to "
                             "before upload: pass a local path")
         problems += self.placement_problems()
+        if self.license is not None:
+            from .card import check_license
+
+            try:
+                check_license(self.license)
+            except UserError as e:
+                problems.append(str(e))
         if problems:
             raise UserError("; ".join(problems))
         return self

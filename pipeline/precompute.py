@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .card import CARD, write_card
 from .config import PrecomputeConfig
 from .common.errors import UserError
 from .background_writer import BackgroundWriter
@@ -124,6 +125,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     if existing is not None:
         if not exclusive and try_exclusive(lock):  # no other rank left: this one may remove leftovers
             clean_finished(out)
+        if not remote and not (out / CARD).exists():  # a kill between the manifest and the card heals here
+            write_card(out, existing, license=cfg.license)
         print(f"{redact(cfg.out) if remote else out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
         return existing
     progress_dir = out / PROGRESS_DIR
@@ -217,6 +220,7 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
         shards=records,
         totals=Totals.of(records),
     ).to_json()
+    write_card(out, manifest, license=cfg.license)  # README.md: a Hugging Face dataset card; the manifest stays last
     write_json_atomic(out / MANIFEST, manifest)
     if remote:
         remote.push_manifest(out)  # tokenizer, then the manifest, last

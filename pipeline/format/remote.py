@@ -220,10 +220,12 @@ class RemoteOutput:
             raise
 
     def push_manifest(self, stage: Path) -> None:
-        """Upload the tokenizer, then the manifest (last: it makes the dataset exist), then drop `_progress/`."""
+        """Upload the tokenizer and the dataset card, then the manifest (last: it makes the dataset exist), then drop `_progress/`."""
         folder = stage / "tokenizer"
         for p in sorted(q for q in folder.rglob("*") if q.is_file()):
             self.fs.put_file(str(p), self._remote(f"tokenizer/{p.relative_to(folder).as_posix()}"))
+        if (stage / "README.md").is_file():  # the dataset card, written just before the manifest
+            self.fs.put_file(str(stage / "README.md"), self._remote("README.md"))
         self.fs.put_file(str(stage / MANIFEST), self._remote(MANIFEST))
         try:
             self.fs.rm(self._remote(PROGRESS_DIR), recursive=True)
