@@ -37,7 +37,9 @@ DEFAULT_VARIANTS = ["CE only", "online full-vocab KD", "top-64 renormalize", "to
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True)
+    p.add_argument("--teacher", help="teacher folder (scripts/make_teacher.py prints it); needed unless --curves")
+    p.add_argument("--curves", nargs="+", metavar="RUN", help="only summarize these runs' metrics.jsonl (loss jumps, "
+                   "gradient norms) and exit")
     p.add_argument("--corpus", default=str(REPO / ".cache" / "corpus"))
     p.add_argument("--work", default=str(REPO / ".cache" / "bench-train"), help="datasets and runs (reused when unchanged)")
     p.add_argument("--student-config", default=str(REPO / "scripts" / "configs" / "student-1.7m.json"))
@@ -55,8 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                    help="rows, by name; also available: top-64 uniform, top-8 renormalize, sampled N=16|32|64, ...")
     p.add_argument("--log-every", type=int, default=1, help="metrics.jsonl line every this many steps (the curves)")
+    p.add_argument("--equal-steps", type=int, default=None,
+                   help="steps of the equal-wall-clock online row (default: measured from the first seed's top-64 and "
+                        "online runs)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
+    if not a.teacher and not a.curves:
+        p.error("--teacher is needed (or --curves RUN...)")
     if a.quick:
         a.tokens, a.heldout_tokens, a.steps, a.seeds = 16384, 8192, 8, [0, 1]
         a.work = str(Path(a.work).with_name(Path(a.work).name + "-quick"))
@@ -174,20 +181,21 @@ def run(args) -> list[dict]:
     data = datasets(args, {table[v][0] for v in args.variants})
     heldout = capture(args, "heldout", "top64", args.heldout_tokens, top_k=64)
     rows = [{"section": "capture", "dataset": "top64", "seconds": capture_seconds(data["top64"]), "tokens": args.tokens}]
-    # --- students, seed by seed (the equal-wall-clock row needs the same seed's top-64 and online times)
+    # --- the equal-wall-clock row's steps: as many online steps as the cached top-64 student's training time allows,
+    # from the first seed's median step times (not whole-run wall times: robust to other work on a shared machine)
+    equal_steps = args.equal_steps
+    if EQUAL_WALL in args.variants and equal_steps is None:
+        first = args.seeds[0]
+        ref = train_one(args, "top-64 renormalize", first, data["top64"], dict(table["top-64 renormalize"][1]), heldout)
+        online = train_one(args, "online full-vocab KD", first, data["top64"], dict(table["online full-vocab KD"][1]),
+                           heldout)
+        equal_steps = max(1, round(args.steps * ref["step_seconds"] / online["step_seconds"]))
+    # --- students, seed by seed
     for seed in args.seeds:
-        done = {}
         for name in args.variants:
             key, flags = table[name]
-            steps = None
-            if name == EQUAL_WALL:
-                ref = done.get("top-64 renormalize") or train_one(args, "top-64 renormalize", seed, data["top64"],
-                                                                  dict(table["top-64 renormalize"][1]), heldout)
-                online = done.get("online full-vocab KD") or train_one(args, "online full-vocab KD", seed, data["top64"],
-                                                                       dict(table["online full-vocab KD"][1]), heldout)
-                steps = max(1, round(args.steps * ref["train_seconds"] / online["train_seconds"]))
-            done[name] = train_one(args, name, seed, data[key], dict(flags), heldout, steps)
-            rows.append({"section": "quality"} | done[name])
+            steps = equal_steps if name == EQUAL_WALL else None
+            rows.append({"section": "quality"} | train_one(args, name, seed, data[key], dict(flags), heldout, steps))
     # --- P5: reader alone vs the student's training speed on the same data
     for kind, variant in (("topk", "top-64 renormalize"), ("sampled", "sampled N=8")):
         speeds = [r["train_tokens_per_s"] for r in rows if r.get("variant") == variant]
@@ -216,7 +224,10 @@ def summarize(q: list[dict]) -> dict[str, dict]:
 
 
 def separated(a: dict, b: dict) -> bool:
-    """An ordering is claimed only where the means differ by more than twice the larger standard deviation."""
+    """An ordering is claimed only where the means differ by more than twice the larger standard deviation (and never
+    for a row with a single seed: its deviation is unknown)."""
+    if a["n"] < 2 or b["n"] < 2:
+        return False
     return abs(a["mean"] - b["mean"]) > 2 * max(a["std"], b["std"])
 
 
@@ -233,7 +244,7 @@ def markdown(rows: list[dict]) -> str:
         for name, r in s.items():
             vs = f"{100 * (r['mean'] - base['mean']) / base['mean']:+.2f}%" if base else "–"
             if base and name != "CE only":
-                vs += " (separated)" if separated(r, base) else " (within noise)"
+                vs += (" (1 seed: no claim)" if r["n"] < 2 else " (separated)" if separated(r, base) else " (within noise)")
             cells = [f"{r['seeds'][x]:.4f}" if x in r["seeds"] else "–" for x in seeds]
             out.append(f"| {name} | {r['steps']} | {r['mean']:.4f} ± {r['std']:.4f} | {100 * r['std'] / r['mean']:.2f}% | "
                        f"{vs} | " + " | ".join(cells) + f" | {r['top1']:.3f} | {r['ece']:.4f} | {r['train_s']:.0f} | "
@@ -244,14 +255,15 @@ def markdown(rows: list[dict]) -> str:
             for b in names[i + 1:]:
                 lo, hi = sorted((a, b), key=lambda n: s[n]["mean"])
                 gap = s[hi]["mean"] - s[lo]["mean"]
-                verdict = "**better**" if separated(s[a], s[b]) else "not separated"
+                verdict = ("**better**" if separated(s[a], s[b]) else
+                           "no claim: 1 seed" if min(s[a]["n"], s[b]["n"]) < 2 else "not separated")
                 pairs.append(f"| {lo} vs {hi} | {gap:.4f} | {2 * max(s[a]['std'], s[b]['std']):.4f} | "
-                             f"{lo + ' ' + verdict if verdict != 'not separated' else verdict} |")
+                             f"{lo + ' ' + verdict if verdict == '**better**' else verdict} |")
         out += ["", "| pair (lower CE first) | Δ mean | 2 × larger std | ordering |", "| --- | --- | --- | --- |"] + pairs
         cap = next((r for r in rows if r["section"] == "capture"), None)
         off, onl = s.get("top-64 renormalize"), s.get("online full-vocab KD")
-        if cap and off and onl:
-            c, t_off, t_on = cap["seconds"], off["train_s"], onl["train_s"]
+        if cap and off and onl:  # training loop time = median step time x steps (robust to other load on the machine)
+            c, t_off, t_on = cap["seconds"], off["step_s"] * off["steps"], onl["step_s"] * onl["steps"]
             even = c / (t_on - t_off) if t_on > t_off else float("inf")
             out += ["", f"| amortized wall time | N = 1 | N = 3 | N = 10 | break-even N |", "| --- | --- | --- | --- | --- |",
                     f"| capture ({c:.0f} s) + N cached top-64 students ({t_off:.0f} s each) | "
@@ -276,7 +288,7 @@ def kd_verdict(kd_ce: float, ce_ce: float, seed_std: float, measured_settings: b
     Same rule as the table: a difference counts only when it is more than twice the deviation.
     """
     diff, pct = kd_ce - ce_ce, 100 * (kd_ce - ce_ce) / ce_ce
-    where = ("measured over 3 seeds at these settings, BENCHMARKS.md" if measured_settings else
+    where = ("measured at these settings, BENCHMARKS.md" if measured_settings else
              "measured at the demo's default settings, BENCHMARKS.md; yours differ, so take it as a rough guide")
     if abs(diff) > 2 * seed_std:
         return (f"KD {'helped' if diff < 0 else 'hurt'}: held-out CE {diff:+.4f} nats/token ({pct:+.2f}%) against CE-only, "
@@ -285,8 +297,28 @@ def kd_verdict(kd_ce: float, ce_ce: float, seed_std: float, measured_settings: b
             f"twice the seed-to-seed standard deviation of {seed_std:.4f} ({where}); it is noise.")
 
 
+def curve_summary(run: Path, jump: float = 0.3) -> str:
+    """One line per run: held-out CE, gradient-norm median/p95/max (and its step), and the steps whose batch loss is
+    more than `jump` nats above the mean of the 10 steps before (a spike, or a hard batch)."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = [x for x in lines if "loss" in x]
+    if not lines:
+        return f"{run.name}: no training lines"
+    norms = sorted(x["grad_norm"] for x in lines)
+    top = max(lines, key=lambda x: x["grad_norm"])
+    losses = [x["loss"] for x in lines]
+    jumps = [x["step"] for i, x in enumerate(lines) if i >= 10 and x["loss"] > statistics.mean(losses[i - 10:i]) + jump]
+    ce = json.loads((run / "eval.json").read_text())["held_out_ce"] if (run / "eval.json").exists() else None
+    return (f"{run.name}: held-out CE {ce if ce is None else round(ce, 4)}, grad norm median {norms[len(norms) // 2]:.2f} "
+            f"p95 {norms[int(0.95 * len(norms))]:.2f} max {top['grad_norm']:.2f} (step {top['step']}), "
+            f"loss jumps at steps {jumps}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.curves:
+        print("\n".join(curve_summary(Path(r)) for r in args.curves))
+        return
     rows = run(args)
     Path(args.work, "rows.json").write_text(json.dumps(rows, indent=1))
     print(markdown(rows))
