@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SRC = REPO  # where `pipeline` and `trainer` are imported from (main() points it at a snapshot of the working tree)
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["textwrap.py", "colorsys.py", "bisect.py", "keyword.py", "this.py", "shlex.py", "heapq.py", "fnmatch.py",
                 "glob.py", "getopt.py", "queue.py", "sched.py", "string.py", "token.py", "tabnanny.py", "netrc.py"]
@@ -54,7 +55,7 @@ TIMEOUT = 180  # seconds for any one command
 
 def env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def distill(*args) -> list[str]:
@@ -352,7 +353,7 @@ def r1(f: Fixtures, work: Path, kills: int, windows: int, rng: random.Random) ->
         proc = popen(distill("precompute", *args, "--out", out))
         shards = out / "shards"
         if trigger == "delay":
-            delay = rng.uniform(first, wall)
+            delay = rng.uniform(first, first + 0.85 * (wall - first))  # the end of wall is teardown
             time.sleep(delay)
             what = f"after {delay:.2f} s"
         elif trigger == "shard":
@@ -432,7 +433,7 @@ def r2(f: Fixtures, work: Path, kills: int, rng: random.Random) -> Section:
             time.sleep(rng.uniform(0, 0.05))
             what = "as the first checkpoint write began"
         else:
-            delay = rng.uniform(first, wall)
+            delay = rng.uniform(first, first + 0.85 * (wall - first))  # the end of wall is teardown
             time.sleep(delay)
             what = f"after {delay:.2f} s"
         killed = sigkill(proc)
@@ -941,7 +942,7 @@ def report(sections: list[Section], args, seconds: float) -> str:
     lines = ["# Reliability (R1-R5)", "",
              (f"`python scripts/bench_reliability.py{' --quick' if args.quick else ''} --seed {args.seed}`, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds / 60:.1f} min, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end."), "",
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; {args.code}."), "",
              "| | what | passed |", "| --- | --- | --- |"]
     for s in sections:
         lines.append(f"| {s.key} | {s.title} | {s.passed}/{len(s.cases)} |")
@@ -954,6 +955,21 @@ def report(sections: list[Section], args, seconds: float) -> str:
         for name, ok, detail in s.cases:
             lines.append(f"| {md_escape(name)} | {'pass' if ok else '**FAIL**'} | {md_escape(detail)} |")
     return "\n".join(lines) + "\n"
+
+
+def snapshot_source(work: Path) -> str:
+    """Copy pipeline/ and trainer/ as they are now, so a run measures one version of the code even while the working
+    tree is being edited; returns the version's description (commit, and whether files differed from it)."""
+    global SRC
+    SRC = work / "src"
+    for pkg in ("pipeline", "trainer"):
+        shutil.copytree(REPO / pkg, SRC / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False, timeout=60).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "pipeline", "trainer")
+    return f"commit {git('rev-parse', '--short', 'HEAD')}" + (" + uncommitted changes in pipeline/, trainer/" if dirty else "")
 
 
 def main(argv=None) -> int:
@@ -972,7 +988,8 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-reliability-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print(f"fixtures in {work} ...", flush=True)
+        args.code = snapshot_source(work)
+        print(f"code: {args.code}; fixtures in {work} ...", flush=True)
         f = build_fixtures(work / "fx", windows=48 if args.quick else 96)
         sections = []
         if "R1" in only:
