@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,11 +45,18 @@ def test_dataset_comparison_finds_leftovers_and_changed_bytes_but_not_timing(tmp
     (ds / "shards" / "00000.arrow").write_bytes(b"\x00\x01\x02")
     manifest = {"format": "distill-logits", "created_by": {"sessions": [{"seconds": 1.5}]}, "totals": {"windows": 8}}
     (ds / "manifest.json").write_text(json.dumps(manifest))
+    (ds / "README.md").write_text(f"distill precompute --out {ds}\n")
     reference = bench.dataset_files(ds)
 
     manifest["created_by"]["sessions"].append({"seconds": 0.7})  # a resumed capture: one more timing session
     (ds / "manifest.json").write_text(json.dumps(manifest, indent=2))
     assert bench.compare_datasets(reference, bench.dataset_files(ds)) == ""
+    other = tmp_path / "other"  # the same dataset in another folder: the card quotes its own --out
+    shutil.copytree(ds, other)
+    (other / "README.md").write_text(f"distill precompute --out {other}\n")
+    assert bench.compare_datasets(reference, bench.dataset_files(other)) == ""
+    (other / "README.md").write_text(f"distill precompute --top-k 4 --out {other}\n")
+    assert bench.compare_datasets(reference, bench.dataset_files(other)) == "differ: README.md"
 
     (ds / "_progress").mkdir()
     (ds / "manifest.json.tmp-123").write_text("{}")
