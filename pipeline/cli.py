@@ -24,6 +24,13 @@ def parse_int_list(text: str) -> list[int]:
         raise UserError(f"--hidden-layers {text!r} is not a comma-separated list of integers; e.g. --hidden-layers 2,-1")
 
 
+def parse_float_list(text: str, flag: str, example: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of numbers; e.g. {flag} {example}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def commands():
     """distill stage one: precompute, inspect, verify (`python -m pipeline.cli` runs them without stage two)."""
@@ -38,6 +45,16 @@ def _h(name):
 @click.option("--data", "data", multiple=True, required=True, help=_h("data") + " Repeatable.")
 @click.option("--out", required=True, help=_h("out"))
 @click.option("--text-column", default="text", show_default=True, help=_h("text_column"))
+@click.option("--format", "format", default="auto", show_default=True,
+              type=click.Choice(["auto", "text", "chat", "prompt-completion"]), help=_h("format"))
+@click.option("--data-split", default="train", show_default=True, help=_h("data_split"))
+@click.option("--data-config", default=None, help=_h("data_config"))
+@click.option("--chat-template", default=None, help=_h("chat_template"))
+@click.option("--train-on", default=None, type=click.Choice(["assistant", "completion", "all"]), help=_h("train_on"))
+@click.option("--packing/--no-packing", default=True, show_default=True, help=_h("packing"))
+@click.option("--cross-document-attention", is_flag=True, help=_h("cross_document_attention"))
+@click.option("--long-examples", default="split", show_default=True, type=click.Choice(["split", "truncate"]),
+              help=_h("long_examples"))
 @click.option("--top-k", default=64, show_default=True, type=int, help=_h("top_k"))
 @click.option("--targets", default="topk", show_default=True, type=click.Choice(TARGETS), help=_h("targets"))
 @click.option("--samples", default=32, show_default=True, type=int, help=_h("samples"))
@@ -45,6 +62,7 @@ def _h(name):
 @click.option("--seed", default=0, show_default=True, type=int, help=_h("seed"))
 @click.option("--encoding", default="exact", show_default=True, type=click.Choice(ENCODINGS), help=_h("encoding"))
 @click.option("--logprob-bits", default=7, show_default=True, type=int, help=_h("logprob_bits"))
+@click.option("--temperatures", default="1", show_default=True, help=_h("temperatures") + " Comma-separated.")
 @click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "zstd"]), help=_h("compression"))
 @click.option("--hidden-layers", default="", help=_h("hidden_layers") + " Comma-separated, e.g. 2,-1.")
 @click.option("--seq-len", default=512, show_default=True, type=int, help=_h("seq_len"))
@@ -66,7 +84,7 @@ def _h(name):
 @click.option("--tp", default=1, show_default=True, type=int, help=_h("tp"))
 @click.option("--license", default=None, help=_h("license"))
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def precompute(hidden_layers, no_progress, data, **kw):
+def precompute(hidden_layers, temperatures, no_progress, data, **kw):
     """Run a teacher over a corpus once and write its top-k log-probs (and hidden states) as a dataset."""
 
     def go():
@@ -74,6 +92,7 @@ def precompute(hidden_layers, no_progress, data, **kw):
         from .precompute import precompute as run
 
         cfg = PrecomputeConfig(data=list(data), hidden_layers=parse_int_list(hidden_layers), progress=not no_progress,
+                               temperatures=parse_float_list(temperatures, "--temperatures", "1,2,4"),
                                command=redact_command(["distill"] + sys.argv[1:]), **kw)
         manifest = run(cfg)
         if "totals" in manifest:

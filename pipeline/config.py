@@ -39,6 +39,29 @@ class PrecomputeConfig:
     manifest last). Rerunning the same command on it resumes after the last complete shard."""
     text_column: str = "text"
     """Column holding the text in .jsonl/.json/.parquet/.arrow inputs."""
+    format: str = "auto"
+    """Input format, following TRL's conventions: auto (from the columns: 'messages' -> chat, 'prompt' and 'completion'
+    -> prompt-completion, else --text-column -> text), text, chat or prompt-completion."""
+    data_split: str = "train"
+    """Split of a Hugging Face dataset --data (a hub id such as org/name, or a local dataset folder)."""
+    data_config: str | None = None
+    """Configuration (subset) of a Hugging Face dataset --data."""
+    chat_template: str | None = None
+    """Jinja file that sets or replaces the teacher tokenizer's chat template; the dataset's tokenizer keeps it, so the
+    student carries it."""
+    train_on: str | None = None
+    """Positions the student learns from: assistant (every assistant turn and the end-of-turn token closing it),
+    completion (the completion of prompt-completion rows; the last assistant turn of a conversation) or all.
+    Default: assistant for chat, completion for prompt-completion, all for text."""
+    packing: bool = True
+    """Concatenate examples into windows with position ids restarting at each, so packed examples do not see each other
+    (the teacher and the student get the position ids); --no-packing gives each example its own window(s), padded."""
+    cross_document_attention: bool = False
+    """Cut windows from one continuous stream in which examples attend to those before them (pretraining-style text,
+    the windows of format version 1); position ids run 0..seq_len-1."""
+    long_examples: str = "split"
+    """Examples longer than --seq-len: split (pieces of --seq-len positions, each from position 0, nothing dropped) or
+    truncate (keep the first --seq-len positions); both counted in the manifest."""
     top_k: int = 64
     """Number of highest-probability tokens stored per position, with their log-probs over the full vocabulary."""
     targets: str = "topk"
@@ -54,6 +77,10 @@ class PrecomputeConfig:
     """exact: ids and float16 log-probs; compact: ids bit-packed in ceil(log2 vocab) bits, log-probs quantized."""
     logprob_bits: int = 7
     """Bits per quantized top-k log-prob in the compact encoding."""
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    """Temperatures at which `distill train --temperature T` can temper the stored top-k exactly, e.g. 1,2,4. For each
+    T other than 1 the teacher's log-normalizer log sum_v p_v^(1/T) over the full vocabulary is stored per position
+    (float32, 4 bytes per position per T, column `log_norm`); T = 1 needs nothing."""
     compression: str = "none"
     """Arrow buffer compression of the shard files: none (memory-mappable, zero-copy) or zstd."""
     hidden_layers: list[int] = field(default_factory=list)
@@ -69,7 +96,9 @@ class PrecomputeConfig:
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     max_tokens: int | None = None
-    """Stop after this many corpus tokens (None: the whole corpus)."""
+    """Stop early (None: the whole corpus). With --cross-document-attention (one stream): after N predicted positions,
+    i.e. N + 1 corpus tokens (each position's label is the next token), so --max-tokens 4096 at --seq-len 256 gives 16
+    full windows. Otherwise: whole examples of N tokens in all (at least one example)."""
     rank: int | None = None
     """This process's rank; defaults to $RANK (torchrun) or 0. Shard i belongs to rank i % world_size."""
     world_size: int | None = None
@@ -140,6 +169,11 @@ class PrecomputeConfig:
                 "tp_plan": "auto" if self.tp > 1 else None, "tp_size": self.tp if self.tp > 1 else None}
 
     @property
+    def log_norm_temperatures(self) -> tuple[float, ...]:
+        """The temperatures whose log-normalizer is stored: those of --temperatures other than 1, ascending."""
+        return tuple(sorted({float(t) for t in self.temperatures if t != 1}))
+
+    @property
     def target_kinds(self) -> list[str]:
         return ["topk", "sampled"] if self.targets == "both" else [self.targets]
 
@@ -159,6 +193,19 @@ class PrecomputeConfig:
                 problems.append(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
         if self.max_tokens is not None and self.max_tokens < 2:
             problems.append(f"--max-tokens is {self.max_tokens}; expected at least 2")
+        from .sources import FORMATS
+        from .chat import TRAIN_ON
+        from .packing import LONG
+
+        if self.format not in FORMATS:
+            problems.append(f"--format is {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.train_on is not None and self.train_on not in TRAIN_ON:
+            problems.append(f"--train-on is {self.train_on!r}; expected one of {', '.join(TRAIN_ON)}")
+        if self.long_examples not in LONG:
+            problems.append(f"--long-examples is {self.long_examples!r}; expected one of {', '.join(LONG)}")
+        if self.cross_document_attention and not self.packing:
+            problems.append("--cross-document-attention and --no-packing contradict each other (one stream vs one "
+                            "example per window); pass one of them")
         if self.targets not in TARGETS:
             problems.append(f"--targets is {self.targets!r}; expected one of {', '.join(TARGETS)}")
         if self.encoding not in ENCODINGS:
@@ -169,6 +216,12 @@ class PrecomputeConfig:
             problems.append(f"--samples is {self.samples}; expected 1 to 65535")
         if not self.sample_temperature > 0:
             problems.append(f"--sample-temperature is {self.sample_temperature}; expected a positive number")
+        bad = [t for t in self.temperatures if not (isinstance(t, (int, float)) and 0 < t < float("inf"))]
+        if bad:
+            problems.append(f"--temperatures has {bad[0]!r}; expected positive numbers, e.g. --temperatures 1,2,4")
+        elif self.log_norm_temperatures and "topk" not in self.target_kinds:
+            problems.append(f"--temperatures {','.join(f'{t:g}' for t in self.temperatures)} stores log-normalizers for top-k "
+                            "targets; pass --targets topk or both, or drop --temperatures")
         if not 2 <= self.logprob_bits <= 16:
             problems.append(f"--logprob-bits is {self.logprob_bits}; expected 2 to 16")
         if self.dtype not in DTYPES:

@@ -34,10 +34,13 @@ from .format.sections import Capture, Corpus, CreatedBy, FileMeta, HiddenLayer, 
 TOOL_VERSION = "0.1.0"
 # Capture settings that change shard bytes: a resumed run must match them.
 SETTINGS_FROM_CAPTURE = ("targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "logprob_bits", "compression",
-                         "hidden_layers", "batch_size", "shard_size")
+                         "hidden_layers", "batch_size", "shard_size", "log_norm_temperatures")
 # Settings recorded for people, not compared on resume: the same teacher typed as another path is the same teacher
 # (`teacher_identity`, a hash of its files, is compared instead).
 NOT_COMPARED = ("teacher",)
+# Settings recorded only when set, whose absence means "none": compared on resume even when one side lacks them (a run
+# started without log-normalizers must not be resumed with them: its shards would lack the column).
+COMPARED_WHEN_ABSENT = ("log_norm_temperatures",)
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:
@@ -76,7 +79,10 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     import torch
     from tqdm import tqdm
 
-    from .corpus import CorpusStats, corpus_fingerprint, count_windows, iter_documents, list_data_files, make_windows, tokenize_to_file
+    from .chat import load_chat_template, tokenize_examples
+    from .corpus import count_windows, list_data_files
+    from .packing import PackingStats, make_windows, packing_masks_supported, plan_windows, read_examples, stream_windows, write_examples
+    from .sources import SourceStats, iter_examples, source_kind, sources_fingerprint
     from .common.device import resolve_device, resolve_dtype
     from .teacher import load_teacher, load_tokenizer, teacher_record
     from .format.tokenizer_id import tokenizer_record
@@ -86,10 +92,12 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
 
         logging.disable_progress_bar()  # the "Loading weights" bar too
     # --- inputs: corpus files, tokenizer, teacher -------------------------------------------------------------------
-    files = list_data_files(cfg.data)
+    local = [d for d in cfg.data if source_kind(d) in ("file", "folder")]  # also refuses a --data that is none of the kinds
+    files = list_data_files(local) if local else []
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", cfg.rank)))
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
+    load_chat_template(tokenizer, cfg.chat_template)  # before the tokenizer's record: the dataset keeps the template
     model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code, **cfg.load_options())
     device = input_device(model, device)  # placed by --device-map: inputs go where the embeddings are
     head = split_head(model, cfg.head_chunk)  # None: the whole-batch head
@@ -105,16 +113,19 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
         "teacher_config_sha256": teacher_section.config_sha256,
         "teacher_dtype": teacher_section.dtype,
         "tokenizer_sha256": tokenizer_section.sha256,
-        "corpus_fingerprint": corpus_fingerprint(files),
+        "corpus_fingerprint": sources_fingerprint(cfg.data, cfg.data_split, cfg.data_config),
         "text_column": cfg.text_column,
         "seq_len": cfg.seq_len,
         "max_tokens": cfg.max_tokens,
+        "format": cfg.format, "data_split": cfg.data_split, "data_config": cfg.data_config, "train_on": cfg.train_on,
+        "layout": layout_of(cfg), "long_examples": cfg.long_examples,
     }
     capture = Capture.build(targets=cfg.target_kinds, top_k=cfg.top_k, encoding=cfg.encoding, logprob_bits=cfg.logprob_bits,
                             compression=cfg.compression, vocab_size=teacher_section.vocab_size,
                             hidden_layers=[HiddenLayer(index=layer, width=teacher_section.hidden_size) for layer in layers],
                             samples=cfg.samples, sample_temperature=cfg.sample_temperature, seed=cfg.seed,
-                            batch_size=cfg.batch_size, shard_size=cfg.shard_size, world_size=cfg.world_size)
+                            batch_size=cfg.batch_size, shard_size=cfg.shard_size, world_size=cfg.world_size,
+                            log_norm_temperatures=cfg.log_norm_temperatures)
     recorded = capture.to_json()
     settings |= {k: recorded[k] for k in SETTINGS_FROM_CAPTURE if k in recorded}
     tok_dtype = capture.token_dtype
@@ -127,35 +138,57 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
             clean_finished(out)
         if not remote and not (out / CARD).exists():  # a kill between the manifest and the card heals here
             write_card(out, existing, license=cfg.license)
-        print(f"{redact(cfg.out) if remote else out}: dataset already complete ({existing['totals']['tokens']} tokens); nothing to do", file=sys.stderr)
+        print(f"{redact(cfg.out) if remote else out}: dataset already complete ({existing['totals']['tokens']} tokens); "
+              "nothing to do", file=sys.stderr)
         return existing
     progress_dir = out / PROGRESS_DIR
     if not exclusive:  # ranks share the folder; each also locks its own rank, so no rank runs twice at once
         held.append(lock_rank(progress_dir, cfg.rank, cfg.world_size))
     save_tokenizer(tokenizer, out)
 
-    # --- tokens: one pass over the corpus into a flat file (shared by resume and every rank) -------------------------
-    tokens_path, tokens_meta = progress_dir / "tokens.bin", progress_dir / "tokens.json"
-    corpus_stats = CorpusStats()
-    if not tokens_meta.exists():
+    # --- examples: one pass over the data into flat files (shared by resume and every rank); windows planned from them --
+    stream = cfg.cross_document_attention
+    if not (progress_dir / "examples.json").exists():
         bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not cfg.progress, total=cfg.max_tokens)
-        n = tokenize_to_file(iter_documents(files, cfg.text_column, corpus_stats), tokenizer, tokenizer.eos_token_id, tokens_path, tok_dtype, cfg.max_tokens, progress=bar.update)
+        src = SourceStats()
+        rows = iter_examples(cfg.data, cfg.format, cfg.text_column, cfg.data_split, cfg.data_config, src,
+                             parse_storage_options(cfg.storage_options))
+        tokenized = tokenize_examples(rows, tokenizer, cfg.train_on, tokenizer.eos_token_id)
+        if stream and cfg.max_tokens is not None:  # format 1's stream: cut at max_tokens + 1 tokens, mid-example
+            tokenized, limit = cap_stream(tokenized, cfg.max_tokens + 1), None
+        else:
+            limit = cfg.max_tokens
+        found = write_examples(tokenized, progress_dir, tok_dtype, limit, progress=bar.update)
         bar.close()
-        if corpus_stats.skipped:
-            print(f"skipped {corpus_stats.skipped} undecodable file(s) (not UTF-8), e.g. {', '.join(corpus_stats.skipped_examples)}", file=sys.stderr)
-        if n < 2:
-            raise UserError(f"--data {' '.join(cfg.data)}: the corpus is empty (no text found); check the paths and --text-column")
-        write_json_atomic(tokens_meta, {"tokens": n, "documents": corpus_stats.documents, "skipped": corpus_stats.skipped})
-    meta = json.loads(tokens_meta.read_text())
-    tokens = np.memmap(tokens_path, dtype=tok_dtype, mode="r")  # (N,)
-    n_windows = count_windows(meta["tokens"], cfg.seq_len)
-    n_shards = -(-n_windows // cfg.shard_size)
+        if src.skipped:
+            print(f"skipped {src.skipped} undecodable file(s) (not UTF-8), e.g. {', '.join(src.skipped_examples)}", file=sys.stderr)
+        if found["tokens"] < 2:
+            raise UserError(f"--data {' '.join(cfg.data)}: the corpus is empty (no text found); check the paths, --format and --text-column")
+        if found["trained"] == 0:
+            raise UserError(f"--data {' '.join(cfg.data)}: no position to learn (--train-on {cfg.train_on or 'default'} "
+                            "selects no token of the examples); check --train-on and the roles in the data")
+        write_json_atomic(progress_dir / "examples.json", found | {"formats": src.examples, "skipped": src.skipped})
+    meta = json.loads((progress_dir / "examples.json").read_text())
+    tokens, trained, offsets = read_examples(progress_dir, tok_dtype)  # (N,), (N,), (E + 1,)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pstats = PackingStats()
+    if stream:
+        n_windows = count_windows(len(tokens), cfg.seq_len)
+        build = lambda b, nb: stream_windows(tokens, trained, b, nb, cfg.seq_len, pad_id)
+    else:
+        if cfg.packing and not packing_masks_supported(model):
+            raise UserError(f"--teacher {cfg.teacher}: this model attends across packed examples even with restarting "
+                            "position ids (its attention ignores them), so --packing would let examples see each other; "
+                            "pass --no-packing (one example per window) or --cross-document-attention (pretraining-style text)")
+        plan = plan_windows(np.diff(offsets), cfg.seq_len, cfg.packing, cfg.long_examples, pstats)
+        n_windows = plan.windows
+        build = lambda b, nb: make_windows(tokens, trained, offsets, plan, b, nb, pad_id)
+    n_shards = -(-n_windows // cfg.shard_size)
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
 
     # --- capture: teacher forward on the device, targets, background writer -----------------------------------------
     writer = BackgroundWriter(out, capture, cfg.seq_len, on_shard=remote.push_shard if remote else None)
-    shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)  # noqa: E731
+    shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)
     bar = tqdm(desc=f"capture rank {cfg.rank}" if cfg.world_size > 1 else "capture", unit="tok", unit_scale=True,
                total=sum(shard_windows(s) for s in mine) * cfg.seq_len, disable=not cfg.progress)
     started = time.perf_counter()
@@ -166,17 +199,21 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
                 writer.open(s, count)
                 for b in range(first, first + count, cfg.batch_size):
                     nb = min(cfg.batch_size, first + count - b)
-                    input_ids, labels, loss_mask = make_windows(tokens, b, nb, cfg.seq_len, pad_id)  # (B, T) each
+                    w = build(b, nb)  # input_ids, labels, loss_mask, position_ids: (B, T) each
+                    input_ids, labels, loss_mask = w["input_ids"], w["labels"], w["loss_mask"]
                     ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
+                    # no attention mask: from restarting position ids transformers builds a block-diagonal causal mask
+                    pos = None if stream else torch.from_numpy(w["position_ids"].astype(np.int64)).to(device)
                     if head is not None and not head.verified:  # first batch: the split head must give the model's logits
                         head = head if head.check(ids) else None
                     if head is not None:  # body to final hidden states; head and targets a chunk of tokens at a time
-                        result = head.body_forward(ids, bool(layers))
+                        result = head.body_forward(ids, bool(layers), position_ids=pos)
                         rows, fidelity = batch_targets(None, labels, loss_mask, b, capture, device, head=head, final_hidden=result.last_hidden_state)
                     else:
-                        result = model(input_ids=ids, output_hidden_states=bool(layers), use_cache=False)
+                        result = model(input_ids=ids, position_ids=pos, output_hidden_states=bool(layers), use_cache=False)
                         rows, fidelity = batch_targets(result.logits, labels, loss_mask, b, capture, device)
-                    rows |= {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
+                    rows |= {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
+                             "position_ids": w["position_ids"]}
                     hidden = {layer: result.hidden_states[layer].half().reshape(nb * cfg.seq_len, -1).cpu().numpy() for layer in layers}
                     writer.put(rows, hidden, fidelity)
                     bar.update(nb * cfg.seq_len)
@@ -201,6 +238,10 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
             print(f"rank {cfg.rank} done; {missing} shard(s) of other ranks still missing, manifest not written yet", file=sys.stderr)
             return {"rank": cfg.rank, "shards": n_shards, "missing": missing}
         records = [ShardRecord.from_json(json.loads(p.read_text())) for p in done]
+        trained_total = sum(r.valid_tokens or 0 for r in records)
+        if not stream:
+            pstats.trained = trained_total
+            print(f"packing: {pstats.summary()}", file=sys.stderr)
         sessions = [json.loads(p.read_text()) for p in sorted(progress_dir.glob("rank-*.json"))]
     except FileNotFoundError:
         # another rank finished at the same moment, wrote the manifest and removed _progress
@@ -208,12 +249,16 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
             return json.loads((out / MANIFEST).read_text())
         raise
     manifest = Manifest(  # docs/FORMAT.md, "Manifest"; the sections are typed in format/sections.py
+        format_version=FORMAT_VERSION,
         created_by=CreatedBy(tool="offline-distill", version=TOOL_VERSION, command=cfg.command, sessions=sessions),
         teacher=teacher_section,
         tokenizer=replace(tokenizer_section, files=tokenizer_files(out)),
         corpus=Corpus(files=[str(f) for f in files][:1000], file_count=len(files), fingerprint=settings["corpus_fingerprint"],
-                      text_column=cfg.text_column, seq_len=cfg.seq_len, documents=meta["documents"],
-                      skipped_files=meta["skipped"], corpus_tokens=meta["tokens"], max_tokens=cfg.max_tokens),
+                      text_column=cfg.text_column, seq_len=cfg.seq_len, packing=LAYOUTS[settings["layout"]],
+                      documents=meta["examples"], skipped_files=meta["skipped"], corpus_tokens=meta["tokens"],
+                      max_tokens=cfg.max_tokens, layout=settings["layout"], formats=meta["formats"], train_on=cfg.train_on,
+                      examples=meta["examples"], trained_tokens=trained_total, long_examples=cfg.long_examples,
+                      packing_stats=None if stream else pstats.to_json()),
         capture=capture,
         settings=settings,
         schema=schema_description(capture.schema(cfg.seq_len)),
@@ -228,6 +273,31 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     if exclusive or try_exclusive(lock):
         clean_finished(out)
     return manifest
+
+
+# corpus.layout -> corpus.packing, the description of docs/FORMAT.md
+LAYOUTS = {
+    "stream": "examples concatenated (EOS after each text); windows of seq_len inputs cut from the stream, labels shifted "
+              "by one, examples attend to those before them; position ids 0..seq_len-1; last window padded",
+    "packed": "examples placed whole into windows (first fit over the 8 most recent); position ids restart at 0 at each "
+              "example, so none sees another; the rest of a window padded; longer examples split or truncated",
+    "unpacked": "each example starts its own window, the rest padded; longer examples split or truncated",
+}
+
+
+def layout_of(cfg: PrecomputeConfig) -> str:
+    return "stream" if cfg.cross_document_attention else "packed" if cfg.packing else "unpacked"
+
+
+def cap_stream(tokenized, limit: int):
+    """Tokenized examples up to `limit` tokens in all, the last one cut (format 1's --max-tokens on one stream)."""
+    total = 0
+    for ex in tokenized:
+        n = min(len(ex.input_ids), limit - total)
+        yield ex if n == len(ex.input_ids) else type(ex)(ex.input_ids[:n], ex.trained[:n])
+        total += n
+        if total >= limit:
+            return
 
 
 def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_window: int, capture: Capture, device,
@@ -249,9 +319,10 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
         from .head import chunked_targets
 
         g = batch_generator(capture.seed, first_window, device) if sampled else None
-        t, s = chunked_targets(head, final_hidden, labels_t, k, bits, (capture.samples, capture.sample_temperature, g) if sampled else None)
+        t, s = chunked_targets(head, final_hidden, labels_t, k, bits, (capture.samples, capture.sample_temperature, g) if sampled else None,
+                               capture.log_norm_temperatures)
     else:
-        t = topk_targets(logits, labels_t, k, logprob_bits=bits)
+        t = topk_targets(logits, labels_t, k, logprob_bits=bits, log_norm_temperatures=capture.log_norm_temperatures)
     rows = {"target_logprob": t["target_logprob"].cpu().numpy()}
     fidelity = {}
     if k:
@@ -260,6 +331,8 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
             rows["topk_logprobs"] = t["topk_logprobs"].half().cpu().numpy()
         else:
             rows |= {name: t[name].cpu().numpy() for name in ("topk_q", "topk_hi", "topk_lo")}
+        if capture.log_norm_temperatures:
+            rows["log_norm"] = t["log_norm"].float().cpu().numpy()  # (B, T, n) float32
         fmask = mask[:, ::FIDELITY_STRIDE]  # recon_kl is measured on a deterministic sample of positions
         fidelity |= {"topk_mass": (float(t["topk_mass"][mask].sum()), n_valid),
                   "recon_kl": (float(t["recon_kl"][fmask].sum()), int(fmask.sum()))}
@@ -350,7 +423,8 @@ def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1
         old = None
     if old is not None:
         # keys an older capture did not record are not compared; typed names are recorded, identities compared
-        differ = [k for k in sorted(set(old) | set(settings)) if k in old and k not in NOT_COMPARED and old.get(k) != settings.get(k)]
+        differ = [k for k in sorted(set(old) | set(settings)) if (k in old or k in COMPARED_WHEN_ABSENT)
+                  and k not in NOT_COMPARED and old.get(k) != settings.get(k)]
         if differ:
             detail = ", ".join(f"{k}: {old.get(k)!r} → {settings.get(k)!r}" for k in differ)
             raise UserError(f"--out {out} holds a capture made with other settings ({detail}); rerun with the same settings or choose another --out")
@@ -362,7 +436,7 @@ def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1
         remove_leftovers(out, (PROGRESS_DIR, SHARDS_DIR))
     progress.mkdir(parents=True, exist_ok=True)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
-    mine = lambda name: name[:SHARD_NAME_DIGITS].isdigit() and int(name[:SHARD_NAME_DIGITS]) % world_size == rank  # noqa: E731
+    mine = lambda name: name[:SHARD_NAME_DIGITS].isdigit() and int(name[:SHARD_NAME_DIGITS]) % world_size == rank
     remove_temp_files(out / SHARDS_DIR, mine)
     if not (progress / "settings.json").exists():
         write_json_atomic(progress / "settings.json", settings)

@@ -17,7 +17,8 @@ FIDELITY_STRIDE = 8
 
 
 def topk_targets(logits: torch.Tensor, labels: torch.Tensor, k: int, logprob_bits: int | None = None,
-                 rows_per_chunk: int | None = None, fidelity_stride: int = FIDELITY_STRIDE) -> dict[str, torch.Tensor]:
+                 rows_per_chunk: int | None = None, fidelity_stride: int = FIDELITY_STRIDE,
+                 log_norm_temperatures: tuple[float, ...] = ()) -> dict[str, torch.Tensor]:
     """Top-k log-probs (normalized over the full vocabulary at temperature 1) and the label's log-prob.
 
     logits: (B, T, V) any float dtype; labels: (B, T) int64.
@@ -27,6 +28,9 @@ def topk_targets(logits: torch.Tensor, labels: torch.Tensor, k: int, logprob_bit
     sum of the stored probabilities, and recon_kl (B, ceil(T / fidelity_stride)) = KL(teacher || reconstruction) at
     positions 0, stride, 2*stride, ... of each window, the reconstruction being the
     stored head plus the tail mass spread evenly over the other V - k ids (the maximum-entropy reading of what is stored).
+    With `log_norm_temperatures` (T other than 1), also log_norm (B, T, n) float32 = log sum_v p_v^(1/T) per temperature,
+    from the unrounded float32 log-probs, so a trainer can temper the stored top-k exactly (tempered log-prob of a
+    stored id = log p_i / T - log_norm; tempered tail = 1 minus their sum).
     Rows are processed in chunks so the float32 copy of the logits stays bounded.
     """
     B, T, V = logits.shape
@@ -35,6 +39,8 @@ def topk_targets(logits: torch.Tensor, labels: torch.Tensor, k: int, logprob_bit
     for start in range(0, B, step):
         lp = logits[start : start + step].float().log_softmax(dim=-1)  # (b, T, V)
         out = {"target_logprob": lp.gather(-1, labels[start : start + step, :, None]).squeeze(-1)}
+        if k > 0 and log_norm_temperatures:
+            out["log_norm"] = torch.stack([torch.logsumexp(lp / t, dim=-1) for t in log_norm_temperatures], -1)  # (b, T, n)
         if k > 0:
             top_lp, top_ids = lp.topk(k, dim=-1, sorted=True)  # (b, T, k)
             out |= {"topk_ids": top_ids, "topk_logprobs": top_lp}
