@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from .common.errors import UserError, describe
 from .common.files import write_json_atomic
-from .format import SHARDS_DIR, open_dataset
+from .format import open_dataset
 from .format.encode import encode_rows
 from .format.sections import Capture, Corpus, CreatedBy, Manifest, Teacher, Totals
 from .format.schema import schema_description, token_dtype

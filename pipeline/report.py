@@ -284,7 +284,8 @@ def summary_markdown(datasets: list[dict], runs: list[dict]) -> str:
     lines = [MARK, "# distill report", ""]
     if datasets:
         lines += ["## Datasets", "",
-                  "| dataset | teacher | windows | valid tokens | bytes/token | top-k mass (mean) | entropy estimate (mean, nats) | entropy lower bound |",
+                  "| dataset | teacher | windows | valid tokens | bytes/token | top-k mass (mean) "
+                  "| entropy estimate (mean, nats) | entropy lower bound |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for d in datasets:
             mass = float(d["topk_mass"].mean()) if len(d["topk_mass"]) else None

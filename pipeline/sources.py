@@ -5,8 +5,8 @@ Called by `pipeline.precompute`; the examples go on to `pipeline.chat.tokenize_e
 - a local file or folder, read as `pipeline.corpus` reads it: .jsonl/.json/.parquet/.arrow files are rows, .txt and
   any other file in a folder one text document;
 - a Hugging Face dataset: a local dataset folder (written by `save_to_disk`, or holding `dataset_infos.json` or a
-  dataset card `README.md` whose YAML header declares `configs:` or `dataset_info:`) or a hub id such as `org/name`, read with `datasets` in streaming mode
-  (`--data-split`, `--data-config`);
+  dataset card `README.md` whose YAML header declares `configs:` or `dataset_info:`) or a hub id such as `org/name`, read
+  with `datasets` in streaming mode (`--data-split`, `--data-config`);
 - an fsspec URL of files (`s3://`, `gs://`, `hf://`, `file://`, ...; globs allowed), read by extension.
 
 Every row becomes a normalized example, following TRL's dataset conventions:

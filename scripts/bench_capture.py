@@ -25,9 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import PrecomputeConfig  # noqa: E402
-from pipeline.corpus import CorpusStats, count_windows, iter_documents, list_data_files, make_windows, tokenize_to_file  # noqa: E402
-from pipeline.precompute import precompute  # noqa: E402
+from pipeline.config import PrecomputeConfig
+from pipeline.corpus import CorpusStats, count_windows, iter_documents, list_data_files, make_windows, tokenize_to_file
+from pipeline.precompute import precompute
 
 
 def parse_args(argv=None):

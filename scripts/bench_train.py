@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from pipeline.config import PrecomputeConfig  # noqa: E402
-from pipeline.format import open_dataset  # noqa: E402
-from pipeline.precompute import precompute  # noqa: E402
+from pipeline.config import PrecomputeConfig
+from pipeline.format import open_dataset
+from pipeline.precompute import precompute
 
 EQUAL_WALL = "online KD, equal wall-clock"
 DEFAULT_VARIANTS = ["CE only", "online full-vocab KD", "top-64 renormalize", "top-64 tail", "sampled N=8", EQUAL_WALL]
@@ -214,7 +214,7 @@ def summarize(q: list[dict]) -> dict[str, dict]:
     for name in dict.fromkeys(r["variant"] for r in q):
         rs = [r for r in q if r["variant"] == name]
         ce = [r["held_out_ce"] for r in rs]
-        mean = lambda k: statistics.mean(r[k] for r in rs if r.get(k) is not None)  # noqa: E731
+        mean = lambda k: statistics.mean(r[k] for r in rs if r.get(k) is not None)
         out[name] = {"n": len(rs), "mean": statistics.mean(ce), "std": statistics.stdev(ce) if len(ce) > 1 else float("nan"),
                      "seeds": {r["seed"]: r["held_out_ce"] for r in rs}, "top1": mean("top1_agreement"), "ece": mean("ece"),
                      "train_s": mean("train_seconds"), "step_s": mean("step_seconds"), "steps": rs[0]["steps"],
@@ -265,7 +265,7 @@ def markdown(rows: list[dict]) -> str:
         if cap and off and onl:  # training loop time = median step time x steps (robust to other load on the machine)
             c, t_off, t_on = cap["seconds"], off["step_s"] * off["steps"], onl["step_s"] * onl["steps"]
             even = c / (t_on - t_off) if t_on > t_off else float("inf")
-            out += ["", f"| amortized wall time | N = 1 | N = 3 | N = 10 | break-even N |", "| --- | --- | --- | --- | --- |",
+            out += ["", "| amortized wall time | N = 1 | N = 3 | N = 10 | break-even N |", "| --- | --- | --- | --- | --- |",
                     f"| capture ({c:.0f} s) + N cached top-64 students ({t_off:.0f} s each) | "
                     + " | ".join(f"{c + n * t_off:.0f} s" for n in (1, 3, 10)) + f" | **{math.ceil(even) if math.isfinite(even) else '–'}** |",
                     f"| N online-KD students ({t_on:.0f} s each) | " + " | ".join(f"{n * t_on:.0f} s" for n in (1, 3, 10)) + " | |"]

@@ -45,8 +45,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_corpus  # noqa: E402  (sibling script; scripts/ is not a package)
-from pipeline.common.cli import field_help  # noqa: E402
-from pipeline.common.errors import UserError, run_or_exit  # noqa: E402
+from pipeline.common.cli import field_help
+from pipeline.common.errors import UserError, run_or_exit
 
 EOT = "<|endoftext|>"
 # Bump when a change to this script changes the trained result for the same flags, so stale caches are not reused.

@@ -17,16 +17,16 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from pipeline.common.cli import main  # noqa: E402
-from pipeline.common.errors import FormatError, UserError  # noqa: E402
-from pipeline.config import PrecomputeConfig  # noqa: E402
-from pipeline.format import open_dataset, verify_dataset  # noqa: E402
-from pipeline.format.remote import is_url, redact_command, refuse_url  # noqa: E402
-from pipeline.precompute import precompute  # noqa: E402
-from tests.s3_server import SECRET_KEY, s3_server  # noqa: E402
-from tests.trainer.conftest import dataset_dir  # noqa: E402,F401  (a fixture: 3 shards with hidden states)
+from pipeline.common.cli import main
+from pipeline.common.errors import FormatError, UserError
+from pipeline.config import PrecomputeConfig
+from pipeline.format import open_dataset, verify_dataset
+from pipeline.format.remote import is_url, redact_command, refuse_url
+from pipeline.precompute import precompute
+from tests.s3_server import SECRET_KEY, s3_server
+from tests.trainer.conftest import dataset_dir  # noqa: F401  (a fixture: 3 shards with hidden states)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(seq_len=16, top_k=4, max_tokens=600, shard_size=8, batch_size=4, progress=False)
@@ -98,7 +98,8 @@ def test_precompute_to_a_bucket_equals_a_local_capture(s3, tmp_path, teacher_dir
     assert again == json.loads(fs.cat("teams/eq/manifest.json"))
     # other settings on the same prefix are refused, naming the bucket, not the staging folder
     with pytest.raises(UserError, match=r"--out s3://teams/eq holds a capture made with other settings \(top_k: 4 → 5\)"):
-        precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out="s3://teams/eq", stage_dir=str(stage), **(SMALL | {"top_k": 5})))
+        precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out="s3://teams/eq", stage_dir=str(stage),
+                                    **(SMALL | {"top_k": 5})))
     # a prefix holding something else is refused
     fs.pipe("teams/other/notes.txt", b"hello")
     with pytest.raises(UserError, match=r"s3://teams/other is not empty and holds no distill dataset"):
@@ -107,7 +108,7 @@ def test_precompute_to_a_bucket_equals_a_local_capture(s3, tmp_path, teacher_dir
 
 def test_ranks_on_machines_without_a_shared_disk(s3, tmp_path, teacher_dir, corpus_dir):
     """Two ranks, each with its own staging folder (two machines): the bucket is their only shared state."""
-    cfg = lambda rank: PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out="s3://teams/ranks",  # noqa: E731
+    cfg = lambda rank: PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out="s3://teams/ranks",
                                         stage_dir=str(tmp_path / f"machine{rank}"), rank=rank, world_size=2, **SMALL)
     first = precompute(cfg(1))
     assert first == {"rank": 1, "shards": 5, "missing": 3}
@@ -206,7 +207,7 @@ def test_precompute_kill_resume_train_eval_all_on_s3(s3, tmp_path, teacher_dir, 
     assert not [o for o in outputs if SECRET_KEY in o]
 
 
-def test_cache_checks_arrivals_and_stays_bounded(s3, tmp_path, dataset_dir):  # noqa: F811
+def test_cache_checks_arrivals_and_stays_bounded(s3, tmp_path, dataset_dir):
     """Shards arrive checked against the manifest; least recently used ones go to stay under the limit."""
     fs = bucket()
     fs.put(str(dataset_dir), "teams/cached", recursive=True)

@@ -44,7 +44,7 @@ def model_card(cfg: dict, dataset: dict, final_metrics: dict, steps: int, n_para
     if dataset.get("teacher") and not os.path.isabs(str(dataset["teacher"])) and "/" in str(dataset["teacher"]):
         yaml.append(f"base_model: {dataset['teacher']}")  # a hub id only; a local path means nothing on a hub
     yaml.append("---")
-    loss = (f"CE only (alpha 1)" if cfg.get("alpha") == 1.0 else
+    loss = ("CE only (alpha 1)" if cfg.get("alpha") == 1.0 else
             f"{cfg.get('alpha')} * CE + {1 - cfg.get('alpha', 0):g} * {cfg.get('loss')} (tail: {cfg.get('tail')}, "
             f"temperature {cfg.get('temperature')})")
     if cfg.get("online_teacher"):

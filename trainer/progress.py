@@ -66,7 +66,7 @@ def make_reporter(kind: str, out: Path, config: dict):
     """A callable `report(metrics, step)` plus `close()` for --report-to, or None for 'none'."""
     if kind == "none":
         return None
-    numeric = lambda m: {k: v for k, v in _flat(m) if isinstance(v, (int, float)) and not isinstance(v, bool)}  # noqa: E731
+    numeric = lambda m: {k: v for k, v in _flat(m) if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if kind == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 

@@ -197,7 +197,7 @@ class DistillStep(nn.Module):
     def forward(self, input_ids, labels, teacher_ids=None, teacher_logprobs=None, teacher_logits=None, hidden=None):
         """input_ids, labels (B, T); teacher_ids/logprobs (B, T, K); teacher_logits (B, T, V); hidden {teacher layer: (B, T, H)}."""
         need_hiddens = bool(self.layer_map)
-        flat = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731  (B, T, ...) -> (N, ...)
+        flat = lambda x: None if x is None else x.flatten(0, 1)  # (B, T, ...) -> (N, ...)
         targets = dict(teacher_ids=flat(teacher_ids), teacher_logprobs=flat(teacher_logprobs), teacher_logits=flat(teacher_logits))
         if self.fused:
             out = self.model.base_model(input_ids=input_ids, output_hidden_states=need_hiddens, use_cache=False)

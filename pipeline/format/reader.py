@@ -27,7 +27,7 @@ from .remote import open_fs
 from .schema import MANIFEST, SHARDS_DIR, schema_description
 from .sections import Capture, Manifest, ShardRecord
 from .tokenizer_files import check_tokenizer_files
-from .zarr_meta import ALLOWED_ZARR_CODECS, ZARR_V2_FILES, check_array_meta, check_group_meta, zarr_filesystem  # noqa: F401
+from .zarr_meta import ZARR_V2_FILES, check_array_meta, check_group_meta, zarr_filesystem
 
 
 class Shard:
@@ -144,7 +144,7 @@ class Shard:
         kind = kind or kinds[0]
         if kind not in kinds:
             raise FormatError(f"dataset holds {' and '.join(kinds) or 'no'} targets, not {kind!r}; pick one of {kinds}")
-        col = lambda name: self.column(name, rows)  # noqa: E731
+        col = lambda name: self.column(name, rows)
         decode = decode_topk if kind == "topk" else decode_sampled
         return decode(col, self.dataset.capture, self.dataset.seq_len)
 

@@ -46,7 +46,7 @@ def window_schema(
     The compact encoding replaces id and log-prob lists by bit-packed binary blobs, one per window.
     """
     id_type = pa.from_numpy_dtype(np.dtype(token_type))
-    per_pos = lambda t: pa.list_(t, seq_len)  # noqa: E731
+    per_pos = lambda t: pa.list_(t, seq_len)
     fields = [
         pa.field("window_index", pa.int64()),  # global position of the window in the packed corpus
         pa.field("input_ids", per_pos(id_type)),

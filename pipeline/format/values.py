@@ -174,7 +174,7 @@ def _check_sampled(shard, fail) -> None:
 def check_layout(shard) -> None:
     """The packing rules: consecutive window_index values, a loss_mask of 1s then 0s only in the dataset's last window,
     and labels equal to the next position's input wherever both exist."""
-    ds, T = shard.dataset, shard.dataset.seq_len
+    ds = shard.dataset
     fail = _Fail(shard)
     start = ds.window_starts[int(shard.name)]  # names are checked to be the shard's position in the manifest
     wi = shard.column("window_index")

@@ -28,7 +28,7 @@ def _scalar_config(conf: dict, where: str, name: str, allowed: dict) -> None:
             _fail(where, f"codec {name!r} has configuration {key}={value!r}, which distill does not write or read")
 
 
-_INT = lambda v: type(v) is int  # noqa: E731
+_INT = lambda v: type(v) is int
 CODEC_CONFIG = {
     "bytes": {"endian": lambda v: v in ("little", "big")},
     "zstd": {"level": _INT, "checksum": lambda v: type(v) is bool},

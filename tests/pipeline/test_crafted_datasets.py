@@ -453,7 +453,7 @@ def test_no_manifest_or_zarr_value_causes_a_traceback(base):
             check_array_meta(changed, "zarr.json", tuple(meta["shape"]))
         except FormatError:
             pass
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"zarr.json {path} = {value!r}: {type(e).__name__}: {e}")
 
 

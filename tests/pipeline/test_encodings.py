@@ -120,7 +120,7 @@ def test_resume_with_sampling_is_byte_identical(tmp_path, teacher_dir, corpus_di
     proc.wait()
     assert not (out / "manifest.json").exists()
     subprocess.run(cmd(out), check=True, env=env, capture_output=True)
-    files = lambda root: {p.name: p.read_bytes() for p in sorted((root / "shards").iterdir())}  # noqa: E731
+    files = lambda root: {p.name: p.read_bytes() for p in sorted((root / "shards").iterdir())}
     assert files(out) == files(tmp_path / "ref")
     assert json.loads((out / "manifest.json").read_text())["capture"]["targets"] == ["topk", "sampled"]
 

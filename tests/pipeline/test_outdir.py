@@ -206,7 +206,7 @@ def test_rerun_with_relative_paths_from_another_directory_is_the_same_capture(tm
     (out / "manifest.json").unlink()
     elsewhere = tmp_path / "a" / "b"
     elsewhere.mkdir(parents=True)
-    rel = lambda p: os.path.relpath(p, elsewhere)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, elsewhere)
     args = [str(a) for a in base(rel(teacher_dir), rel(corpus_dir), rel(out))]
     r = subprocess.run(cli(*args), cwd=elsewhere, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -157,7 +157,7 @@ def test_resume_from_another_directory_with_relative_paths(run_train, tmp_path, 
     elsewhere = tmp_path / "x" / "y"
     elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)
-    rel = lambda p: os.path.relpath(p, elsewhere)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, elsewhere)
     final, _ = run_train(out=rel(out), data=rel(dataset_dir), student_config=rel(student_config), steps=2, save_every=1,
                          resume=True)
     assert final["loss"] > 0 and (out / "run.json").exists()
