@@ -56,9 +56,10 @@ class ChunkedHead:
             return None, f"{type(model).__name__} has no separate body and output head"
         return ChunkedHead(model, chunk), None
 
-    def body_forward(self, ids: torch.Tensor, hidden: bool):
-        """ids (B, T) -> the body's output: last_hidden_state (B, T, H) and, when `hidden`, hidden_states."""
-        return self.body(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+    def body_forward(self, ids: torch.Tensor, hidden: bool, position_ids: torch.Tensor | None = None):
+        """ids (B, T) [, position_ids (B, T)] -> the body's output: last_hidden_state (B, T, H) and, when `hidden`,
+        hidden_states."""
+        return self.body(input_ids=ids, position_ids=position_ids, output_hidden_states=hidden, use_cache=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., H) -> the model's logits (..., V), in the model's dtype."""
@@ -93,7 +94,8 @@ def chunk_slices(B: int, T: int, chunk: int, stride: int = FIDELITY_STRIDE):
 
 
 def chunked_targets(head: ChunkedHead, h: torch.Tensor, labels: torch.Tensor, k: int, logprob_bits: int | None,
-                    sampled: tuple[int, float, torch.Generator] | None) -> tuple[dict, dict | None]:
+                    sampled: tuple[int, float, torch.Generator] | None,
+                    log_norm_temperatures: tuple[float, ...] = ()) -> tuple[dict, dict | None]:
     """Final hidden states h (B, T, H), labels (B, T) -> the same dicts as `topk_targets` and `sampled_targets` on the
     whole batch's logits, computed `head.chunk` tokens at a time."""
     B, T = labels.shape
@@ -105,7 +107,8 @@ def chunked_targets(head: ChunkedHead, h: torch.Tensor, labels: torch.Tensor, k:
     for rows, pos in chunk_slices(B, T, head.chunk):
         logits = head.logits(h[rows, pos])  # (b, t, V)
         lab = labels[rows, pos].to(logits.device)
-        top_rows.append((rows, topk_targets(logits, lab, k, logprob_bits=logprob_bits, rows_per_chunk=logits.shape[0])))
+        top_rows.append((rows, topk_targets(logits, lab, k, logprob_bits=logprob_bits, rows_per_chunk=logits.shape[0],
+                                            log_norm_temperatures=log_norm_temperatures)))
         if sampled is not None:
             u = uniforms[rows, pos].reshape(-1, sampled[0])
             samp_rows.append((rows, sampled_targets(logits, sampled[0], sampled[1], uniforms=u)))
