@@ -34,7 +34,7 @@ def encode_rows(rows: dict, capture: Capture) -> dict:
     sample_ids/sample_counts (B,T,N) padded + sample_n (B,T) [+ sample_logweights (B,T,N)].
     rows out: numpy arrays (fixed-size columns) or pyarrow arrays (lists, binaries).
     """
-    out = {k: rows[k] for k in ("window_index", "input_ids", "labels", "loss_mask", "target_logprob")}
+    out = {k: rows[k] for k in ("window_index", "input_ids", "labels", "loss_mask", "position_ids", "target_logprob") if k in rows}
     compact = capture.encoding == "compact"
     token_type = np.dtype(capture.token_dtype)
     if "topk" in capture.targets:
@@ -45,6 +45,8 @@ def encode_rows(rows: dict, capture: Capture) -> dict:
             out["topk_ids_packed"] = pa.array([pack_bits(w, capture.id_bits) for w in ids], pa.binary())
             out["topk_logprobs_packed"] = pa.array([pack_bits(w, capture.logprob_bits) for w in q], pa.binary())
             out["topk_logprob_hi"], out["topk_logprob_lo"] = rows["topk_hi"], rows["topk_lo"]
+        if capture.log_norm_temperatures:
+            out["log_norm"] = rows["log_norm"]  # (B, T, n) float32, both encodings
     if "sampled" in capture.targets:
         n = rows["sample_n"]
         out["sample_n"] = n.astype(capture.count_dtype)

@@ -113,7 +113,7 @@ def check_manifest(m, where: str = "manifest.json") -> None:
     schema = m.get("schema")
     if not isinstance(schema, dict) or not all(isinstance(v, str) for v in schema.values()):
         c.fail(f"`schema` is {_show(schema)}, expected an object of column name -> Arrow type")
-    derived = schema_description(capture.schema(T))
+    derived = schema_description(capture.schema(T, version))
     if schema != derived:
         diff = sorted(set(schema.items()) ^ set(derived.items()))[:4]
         c.fail(f"`schema` does not match the columns that `capture` and `corpus.seq_len` define (differences: {diff})")
@@ -180,6 +180,11 @@ def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> Capture
         bits = c.int_(cap, "logprob_bits", 1, 16, "capture.logprob_bits") if compact else None
         if "logprob_dtype" in cap:  # descriptive only: the encoding defines it
             c.equal(cap["logprob_dtype"], logprob_dtype(cap["encoding"], bits), "capture.logprob_dtype", "`capture.encoding`")
+    temps = cap.get("log_norm_temperatures", [])
+    if temps and not topk or not isinstance(temps, list) or not all(
+            type(t) in (int, float) and math.isfinite(t) and t > 0 and t != 1 for t in temps) or temps != sorted(set(temps)):
+        c.fail(f"`capture.log_norm_temperatures` is {_show(temps)}, expected an ascending list of distinct positive "
+               "temperatures other than 1 (top-k targets only)")
     if compact:
         c.equal(cap.get("id_bits"), bits_for(vocab - 1), "capture.id_bits", "`teacher.vocab_size`")
     if "sampled" in targets:
@@ -296,9 +301,12 @@ def _check_totals(c: _Checker, m: dict, corpus: dict, T: int) -> None:
             if not math.isclose(found, expected, rel_tol=1e-6, abs_tol=1e-9):
                 c.fail(f"`totals.{key}` is {_show(found)} but the shard records' `stats.{stat}` average {expected:.6g}")
     n = c.int_(corpus, "corpus_tokens", 2, MAX_WINDOWS * MAX_SEQ_LEN, "corpus.corpus_tokens", required=False)
-    if n is not None:
+    trained = corpus.get("trained_tokens")
+    if trained is not None and "valid_tokens" in sums:
+        c.equal(sums["valid_tokens"], trained, "totals.valid_tokens", "`corpus.trained_tokens`")
+    if n is not None and corpus.get("layout") in (None, "stream"):  # one stream cut every T positions
         c.equal(sums["windows"], -(-(n - 1) // T), "totals.windows", "`corpus.corpus_tokens` and `corpus.seq_len`")
-        if "valid_tokens" in sums:
+        if "valid_tokens" in sums and trained is None:
             c.equal(sums["valid_tokens"], n - 1, "totals.valid_tokens", "`corpus.corpus_tokens` - 1")
         limit = corpus.get("max_tokens")
         if limit is not None and (type(limit) is not int or n - 1 > limit):  # max_tokens counts predicted tokens

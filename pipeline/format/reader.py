@@ -113,9 +113,13 @@ class Shard:
     def column(self, name: str, rows=None):
         """A column for all rows (or the selected `rows`, an index array or slice).
 
-        Fixed-size columns come back as numpy arrays shaped (windows,), (windows, T) or (windows, T, K), zero-copy when
+        `position_ids` of a version-1 dataset (which has no such column) are 0..T-1 in every window, as they were
+        captured. Fixed-size columns come back as numpy arrays shaped (windows,), (windows, T) or (windows, T, K), zero-copy when
         local and unselected; variable-length lists as a list of 1-D numpy arrays (one per window); binaries as bytes.
         """
+        if name == "position_ids" and name not in self.table.column_names and self.dataset.manifest.format_version < 2:
+            n = self.windows if rows is None else len(range(self.windows)[rows]) if isinstance(rows, slice) else len(rows)
+            return np.broadcast_to(np.arange(self.dataset.seq_len, dtype=np.int32), (n, self.dataset.seq_len))  # version 1
         if name not in self.table.column_names:
             raise KeyError(f"shard {self.name} has no column {name!r}; it has {self.table.column_names}")
         arr = self.table.column(name).combine_chunks()
@@ -147,6 +151,17 @@ class Shard:
         col = lambda name: self.column(name, rows)
         decode = decode_topk if kind == "topk" else decode_sampled
         return decode(col, self.dataset.capture, self.dataset.seq_len)
+
+    def log_norm(self, temperature: float, rows=None) -> np.ndarray | None:
+        """(R, T) float32: the teacher's log sum_v p_v^(1/T) at `temperature` per position, for exact tempering of the
+        stored top-k (0 at T = 1); None when the capture did not store that temperature (`capture.log_norm_temperatures`)."""
+        if temperature == 1:
+            return np.zeros((self.windows if rows is None else len(range(self.windows)[rows]) if isinstance(rows, slice)
+                             else len(rows), self.dataset.seq_len), np.float32)
+        temps = self.dataset.capture.log_norm_temperatures
+        if float(temperature) not in temps:
+            return None
+        return np.ascontiguousarray(self.column("log_norm", rows)[..., temps.index(float(temperature))], np.float32)
 
     def check_zarr(self) -> None:
         """Refuse a Zarr folder that holds a symlink, a special file, a file the manifest does not list or Zarr v2

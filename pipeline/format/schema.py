@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "distill-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the position_ids column (packed examples restart at 0); version 1 still reads
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 PROGRESS_DIR = "_progress"  # work-in-progress markers; removed once the manifest is written
@@ -37,6 +37,8 @@ def window_schema(
     encoding: str = "exact",
     count_type: str = "uint8",
     sample_weights: bool = False,
+    version: int | None = None,
+    log_norms: int = 0,
 ) -> pa.Schema:
     """One row per window of `seq_len` tokens; see docs/FORMAT.md for each column.
 
@@ -44,14 +46,21 @@ def window_schema(
     `datasets.Dataset.from_file` shows them as nested sequences. Sampled targets have a variable number of unique ids per
     position: `sample_n` gives the count per position and the ids/counts of all positions are concatenated in one list.
     The compact encoding replaces id and log-prob lists by bit-packed binary blobs, one per window.
+    `version`: the format version whose columns to describe (1 has no `position_ids`). `log_norms`: temperatures whose
+    tempered log-normalizer is stored (column `log_norm`, only with top-k; 0: no column).
     """
+    version = FORMAT_VERSION if version is None else version  # looked up now, so a test can write version 1
     id_type = pa.from_numpy_dtype(np.dtype(token_type))
     per_pos = lambda t: pa.list_(t, seq_len)
     fields = [
         pa.field("window_index", pa.int64()),  # global position of the window in the packed corpus
         pa.field("input_ids", per_pos(id_type)),
         pa.field("labels", per_pos(id_type)),  # next token at each position (meaningful where loss_mask == 1)
-        pa.field("loss_mask", per_pos(pa.uint8())),  # 1 where a next token exists; 0 for padding and the corpus end
+        pa.field("loss_mask", per_pos(pa.uint8())),  # 1 where the student learns the label; 0 for context and padding
+    ]
+    if version >= 2:  # restart at 0 at each packed example; version 1 datasets have none (0..T-1 for every window)
+        fields.append(pa.field("position_ids", per_pos(pa.int32())))
+    fields += [
         pa.field("target_logprob", per_pos(pa.float32())),  # teacher log p(labels[t] | prefix)
     ]
     if "topk" in targets:
@@ -67,6 +76,8 @@ def window_schema(
                 pa.field("topk_logprob_hi", per_pos(pa.float16())),  # log-prob of rank 1 (the quantization range)
                 pa.field("topk_logprob_lo", per_pos(pa.float16())),  # log-prob of rank K
             ]
+        if log_norms:  # log sum_v p_v^(1/T) per temperature of capture.log_norm_temperatures (optional, any version)
+            fields.append(pa.field("log_norm", per_pos(pa.list_(pa.float32(), log_norms))))
     if "sampled" in targets:
         cnt = pa.from_numpy_dtype(np.dtype(count_type))
         fields.append(pa.field("sample_n", per_pos(cnt)))  # unique ids drawn at each position
@@ -76,7 +87,7 @@ def window_schema(
             fields += [pa.field("sample_ids_packed", pa.binary()), pa.field("sample_counts_packed", pa.binary())]
         if sample_weights:
             fields.append(pa.field("sample_logweights", pa.list_(pa.float16())))  # log p/q, only when sampling at T != 1
-    return pa.schema(fields, metadata={b"format": FORMAT_NAME.encode(), b"format_version": str(FORMAT_VERSION).encode()})
+    return pa.schema(fields, metadata={b"format": FORMAT_NAME.encode(), b"format_version": str(version).encode()})
 
 
 def schema_description(schema: pa.Schema) -> dict[str, str]:

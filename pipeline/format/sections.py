@@ -104,11 +104,15 @@ class Capture:
     seed: int | None = None
     count_bits: int | None = None
     """Bits per packed sample count minus one (compact encoding with sampled targets)."""
+    log_norm_temperatures: tuple[float, ...] = ()
+    """Temperatures other than 1, ascending, whose teacher log-normalizer log sum_v p_v^(1/T) (full vocabulary) is
+    stored per position in the column `log_norm`, in this order (top-k only; `precompute --temperatures`). Empty, and
+    not written, when none was asked for (and in datasets written before it existed)."""
 
     @classmethod
     def build(cls, *, targets, top_k: int, encoding: str, logprob_bits: int, compression: str, vocab_size: int,
               hidden_layers: list[HiddenLayer], samples: int, sample_temperature: float, seed: int, batch_size: int,
-              shard_size: int, world_size: int) -> "Capture":
+              shard_size: int, world_size: int, log_norm_temperatures=()) -> "Capture":
         """The writer's capture: settings that do not apply to the stored kinds and encoding are left out."""
         topk, sampled, compact = "topk" in targets, "sampled" in targets, encoding == "compact"
         return cls(targets=tuple(targets), top_k=top_k if topk else 0, encoding=encoding, compression=compression,
@@ -116,7 +120,8 @@ class Capture:
                    shard_size=shard_size, world_size=world_size, id_bits=bits_for(vocab_size - 1) if compact else None,
                    logprob_bits=logprob_bits if compact and topk else None, samples=samples if sampled else 0,
                    sample_temperature=sample_temperature if sampled else 1.0, seed=seed if sampled else None,
-                   count_bits=bits_for(samples - 1) if compact and sampled else None)
+                   count_bits=bits_for(samples - 1) if compact and sampled else None,
+                   log_norm_temperatures=tuple(float(t) for t in log_norm_temperatures) if topk else ())
 
     # --- derived: written for people, never stored independently
     @property
@@ -144,10 +149,10 @@ class Capture:
     def hidden_width(self, index: int) -> int:
         return next(x.width for x in self.hidden_layers if x.index == index)
 
-    def schema(self, seq_len: int) -> pa.Schema:
-        """The Arrow schema of every shard of this capture."""
+    def schema(self, seq_len: int, version: int | None = None) -> pa.Schema:
+        """The Arrow schema of every shard of this capture (in format `version`)."""
         return window_schema(seq_len, self.token_dtype, self.targets, self.top_k, self.encoding, self.count_dtype,
-                             self.stores_weights)
+                             self.stores_weights, version, log_norms=len(self.log_norm_temperatures))
 
     def to_json(self) -> dict:
         d = {"targets": list(self.targets), "top_k": self.top_k, "temperature": self.temperature, "encoding": self.encoding,
@@ -157,6 +162,8 @@ class Capture:
         topk, sampled, compact = "topk" in self.targets, "sampled" in self.targets, self.encoding == "compact"
         if topk:
             d["logprob_dtype"] = self.logprob_dtype
+            if self.log_norm_temperatures:
+                d["log_norm_temperatures"] = list(self.log_norm_temperatures)
         if compact:
             d["id_bits"] = self.id_bits
             if topk:
@@ -173,6 +180,7 @@ class Capture:
         known = _known(cls, d)
         known["targets"] = tuple(d.get("targets", ()))
         known["hidden_layers"] = tuple(HiddenLayer.from_json(x) for x in d.get("hidden_layers", []))
+        known["log_norm_temperatures"] = tuple(float(t) for t in d.get("log_norm_temperatures", ()))
         return cls(**known)
 
 
@@ -249,6 +257,19 @@ class Corpus:
     corpus_tokens: int | None = None
     """Tokens in the packed corpus (the predicted ones are one fewer)."""
     max_tokens: int | None = None
+    layout: str | None = None
+    """How examples became windows (format 2): stream (one continuous stream, examples attend to those before them,
+    as in format 1), packed (position ids restart at each example) or unpacked (one example per window, padded)."""
+    formats: dict | None = None
+    """Examples read per input format (text, chat, prompt-completion)."""
+    train_on: str | None = None
+    """--train-on as given (None: each format's default)."""
+    examples: int | None = None
+    trained_tokens: int | None = None
+    """Positions with loss_mask 1 over the whole dataset (equals totals.valid_tokens)."""
+    long_examples: str | None = None
+    packing_stats: dict | None = None
+    """Counts of the packing: examples, windows, positions, trained, padding, split, truncated, dropped_positions, empty."""
 
     to_json = _to_json
 

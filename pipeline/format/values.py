@@ -119,6 +119,25 @@ def _check_topk(shard, fail) -> None:
     bad = mass > (1 + MASS_TOLERANCE) * slack
     if bad.any():
         fail(lp_name, f"probabilities sum to {float(mass[bad][0]):.4g} > 1 at {_first(bad)}")
+    if cap.log_norm_temperatures:
+        _check_log_norm(shard, fail, V)
+
+
+def _check_log_norm(shard, fail, V: int) -> None:
+    """log sum_v p_v^(1/T) lies between 0 and (1 - 1/T) log V (the ends: one certain token, the uniform distribution),
+    for T > 1 as for T < 1 (then both are <= 0)."""
+    temps = shard.dataset.capture.log_norm_temperatures
+    x = shard.column("log_norm").astype(np.float64)  # (W, T, n)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        fail("log_norm", f"{float(x[bad][0])} at {_first(bad.any(-1))}, expected a finite log-normalizer")
+    for i, t in enumerate(temps):
+        end = (1 - 1 / t) * np.log(V)
+        lo, hi = min(0.0, end), max(0.0, end)
+        bad = (x[..., i] < lo - 1e-3) | (x[..., i] > hi + 1e-3)
+        if bad.any():
+            fail("log_norm", f"{float(x[..., i][bad][0]):.4g} at temperature {t:g} at {_first(bad)}, expected a value "
+                             f"in [{lo:.4g}, {hi:.4g}] (between one certain token and the uniform distribution)")
 
 
 def _check_sampled(shard, fail) -> None:
@@ -172,8 +191,9 @@ def _check_sampled(shard, fail) -> None:
 
 
 def check_layout(shard) -> None:
-    """The packing rules: consecutive window_index values, a loss_mask of 1s then 0s only in the dataset's last window,
-    and labels equal to the next position's input wherever both exist."""
+    """The packing rules: consecutive window_index values; in version 1 a loss_mask of 1s then 0s only in the dataset's
+    last window; in version 2 position_ids that restart at 0 or count up; labels equal to the next position's input
+    wherever both are trained positions of one example."""
     ds = shard.dataset
     fail = _Fail(shard)
     start = ds.window_starts[int(shard.name)]  # names are checked to be the shard's position in the manifest
@@ -184,16 +204,26 @@ def check_layout(shard) -> None:
         w = int(np.argmax(bad))
         fail("window_index", f"window {w} has index {int(wi[w])}, expected {int(expected[w])} (shards hold consecutive windows)")
     mask = shard.column("loss_mask").astype(bool)  # (W, T)
-    bad = mask[:, 1:] & ~mask[:, :-1]
-    if bad.any():
-        fail("loss_mask", f"a 1 after a 0 at {_first(bad)} (padding is only ever at the end)")
-    last = start + shard.windows == ds.windows
-    bad = ~mask.all(1)
-    if last:
-        bad[-1] = False
-    if bad.any():
-        fail("loss_mask", f"padding in window {int(np.argmax(bad))}, which is not the dataset's last window")
     ids, labels = shard.column("input_ids"), shard.column("labels")
-    bad = (labels[:, :-1] != ids[:, 1:]) & mask[:, :-1]
+    if ds.manifest.format_version < 2:  # version 1: one stream, padding only at the end of the last window
+        bad = mask[:, 1:] & ~mask[:, :-1]
+        if bad.any():
+            fail("loss_mask", f"a 1 after a 0 at {_first(bad)} (padding is only ever at the end)")
+        last = start + shard.windows == ds.windows
+        bad = ~mask.all(1)
+        if last:
+            bad[-1] = False
+        if bad.any():
+            fail("loss_mask", f"padding in window {int(np.argmax(bad))}, which is not the dataset's last window")
+        follows = mask[:, :-1]
+    else:  # version 2: position ids start at 0 or continue the previous position; labels checked inside an example
+        pos = shard.column("position_ids").astype(np.int64)  # (W, T)
+        bad = (pos[:, 1:] != 0) & (pos[:, 1:] != pos[:, :-1] + 1)
+        if pos.size and (pos[:, 0] < 0).any():
+            bad = np.concatenate([(pos[:, :1] < 0), bad], 1)
+        if bad.any():
+            fail("position_ids", f"{_first(bad)} neither restarts at 0 nor continues the position before it")
+        follows = mask[:, :-1] & mask[:, 1:] & (pos[:, 1:] == pos[:, :-1] + 1)
+    bad = (labels[:, :-1] != ids[:, 1:]) & follows
     if bad.any():
         fail("labels", f"label differs from the next input at {_first(bad)} (labels are the inputs shifted by one)")
