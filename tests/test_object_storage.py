@@ -84,11 +84,12 @@ def test_precompute_to_a_bucket_equals_a_local_capture(s3, tmp_path, teacher_dir
     assert (local / "manifest.json").exists() and not (tmp_path / "file:").exists()  # file://PATH is PATH
     stage = tmp_path / "stage"
     m = precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out="s3://teams/eq", stage_dir=str(stage), **SMALL))
-    assert m["totals"]["shards"] == 5
+    n = open_dataset(local).manifest.totals.shards
+    assert m["totals"]["shards"] == n > 2
     fs = bucket()
     names = sorted(p.split("/", 2)[2] for p in fs.find("teams/eq"))
     assert "manifest.json" in names and not any(n.startswith("_progress") for n in names)
-    assert sorted(n for n in names if n.startswith("shards/")) == [f"shards/0000{i}.arrow" for i in range(5)]
+    assert sorted(n for n in names if n.startswith("shards/")) == [f"shards/{i:05d}.arrow" for i in range(n)]
     assert shard_checksums("s3://teams/eq") == shard_checksums(local)
     assert verify_dataset("s3://teams/eq").windows == open_dataset(local).windows
     assert not stage.exists() or not any(stage.rglob("*.arrow"))  # staging is removed once the bucket is complete
@@ -110,16 +111,17 @@ def test_ranks_on_machines_without_a_shared_disk(s3, tmp_path, teacher_dir, corp
     """Two ranks, each with its own staging folder (two machines): the bucket is their only shared state."""
     cfg = lambda rank: PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out="s3://teams/ranks",
                                         stage_dir=str(tmp_path / f"machine{rank}"), rank=rank, world_size=2, **SMALL)
+    local = tmp_path / "local"
+    precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(local), **SMALL))
+    n = open_dataset(local).manifest.totals.shards
     first = precompute(cfg(1))
-    assert first == {"rank": 1, "shards": 5, "missing": 3}
+    assert first == {"rank": 1, "shards": n, "missing": (n + 1) // 2}  # rank 0's shards: 0, 2, 4, ...
     fs = bucket()
     assert not fs.exists("teams/ranks/manifest.json")  # half written: not a dataset
     with pytest.raises(FormatError, match="has no manifest.json"):
         open_dataset("s3://teams/ranks")
     m = precompute(cfg(0))
-    assert m["totals"]["shards"] == 5 and [s["rank"] for s in m["created_by"]["sessions"]] == [0, 1]
-    local = tmp_path / "local"
-    precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(local), **SMALL))
+    assert m["totals"]["shards"] == n and [s["rank"] for s in m["created_by"]["sessions"]] == [0, 1]
     assert shard_checksums("s3://teams/ranks") == shard_checksums(local)
     # a rank ending after another one wrote the manifest gets that manifest (precompute returns it), and adds nothing
     from pipeline.format.remote import RemoteOutput
@@ -151,13 +153,15 @@ def test_precompute_kill_resume_train_eval_all_on_s3(s3, tmp_path, teacher_dir, 
     env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     options = json.dumps({"key": s3["AWS_ACCESS_KEY_ID"], "secret": s3["AWS_SECRET_ACCESS_KEY"]})
     cmd = precompute_cmd(teacher_dir, corpus_dir, url, "--storage-options", options, "--stage-dir", str(tmp_path / "stage"))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 120
-    while time.time() < deadline and len(fs.glob("teams/e2e/_progress/shard-*.json")) < 3:
+    while time.time() < deadline and proc.poll() is None and len(fs.glob("teams/e2e/_progress/shard-*.json")) < 3:
         time.sleep(0.1)
         fs.invalidate_cache()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
     fs.invalidate_cache()
     assert not fs.exists("teams/e2e/manifest.json"), "the run finished before it could be killed; make it longer"
     done = fs.glob("teams/e2e/_progress/shard-*.json")
@@ -168,7 +172,9 @@ def test_precompute_kill_resume_train_eval_all_on_s3(s3, tmp_path, teacher_dir, 
 
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"wrote {url}: 38 shards, 1200 tokens")
+    m = open_dataset(url).manifest
+    assert r.stdout.startswith(f"wrote {url}: {m.totals.shards} shards, {m.totals.tokens} tokens")
+    assert m.totals.shards > len(done) and m.totals.shards == -(-m.totals.windows // 2)
     fs.invalidate_cache()
     assert fs.info("teams/e2e/shards/00000.arrow")["LastModified"] == stamp, "a shard in the bucket was recomputed"
     assert not fs.exists("teams/e2e/_progress")
@@ -182,7 +188,7 @@ def test_precompute_kill_resume_train_eval_all_on_s3(s3, tmp_path, teacher_dir, 
         res = runner.invoke(main, args)
         assert res.exit_code == 0, res.output
         outputs.append(res.output)
-    assert "ok: 38 shards, 75 windows verified" in outputs[2]
+    assert f"ok: {m.totals.shards} shards, {m.totals.windows} windows verified" in outputs[2]
     assert "--storage-options ***" in outputs[3]  # the recorded command line, without the secret
     config = tmp_path / "student.json"
     config.write_text(json.dumps(student_config_dict()))
@@ -213,7 +219,8 @@ def test_cache_checks_arrivals_and_stays_bounded(s3, tmp_path, dataset_dir):
     fs.put(str(dataset_dir), "teams/cached", recursive=True)
     ds = open_dataset("s3://teams/cached", cache_dir=tmp_path / "c", cache_gb=1.0)
     sizes = [sum(m.bytes for m in r.files.values()) for r in ds.manifest.shards]
-    assert len(sizes) == 3
+    n = len(sizes)
+    assert n >= 3
     local = open_dataset(dataset_dir)
     # shard 0 through the cache equals the local one, column by column, hidden states too
     a, b = ds.open_shard(0), local.open_shard(0)
@@ -231,15 +238,17 @@ def test_cache_checks_arrivals_and_stays_bounded(s3, tmp_path, dataset_dir):
     assert sorted(p.name for p in (tmp_path / "c").rglob("*.ready")) == ["00000.ready", "00001.ready", "00002.ready"]
     del first
 
-    # a limit of about two shards: reading all three in turn evicts the oldest unused one
-    ds = open_dataset("s3://teams/cached", cache_dir=tmp_path / "small", cache_gb=(sizes[0] + sizes[1] + 10) / 1e9)
+    # a limit of about two shards: reading all of them in turn evicts the least recently used ones
+    limit = 2 * max(sizes) + 10
+    ds = open_dataset("s3://teams/cached", cache_dir=tmp_path / "small", cache_gb=limit / 1e9)
     ds.cache.ahead = 0
-    for i in range(3):
+    for i in range(n):
         shard = ds.open_shard(i)
         shard.verify_checksums()
         del shard
-    present = sorted(p.name for p in (tmp_path / "small").rglob("*.ready"))
-    assert present == ["00001.ready", "00002.ready"]
+    present = {int(p.stem) for p in (tmp_path / "small").rglob("*.ready")}
+    assert {n - 2, n - 1} <= present and 0 not in present and sum(sizes[i] for i in present) <= limit
+    assert sum(p.stat().st_size for p in (tmp_path / "small").rglob("*") if p.is_file() and p.suffix != ".ready") <= limit
 
     # a remote file altered after the manifest was written is refused on arrival, naming the file
     name = "teams/cached/shards/00001.arrow"
@@ -268,4 +277,4 @@ def test_dataloader_workers_read_through_one_cache(s3, tmp_path, dataset_dir):
         assert "error" not in a
         for key in ("window_index", "input_ids", "labels", "teacher_ids", "teacher_logprobs"):
             assert (a[key] == b[key]).all(), key
-    assert sorted(p.name for p in (tmp_path / "c").rglob("*.ready")) == ["00000.ready", "00001.ready", "00002.ready"]
+    assert sorted(p.name for p in (tmp_path / "c").rglob("*.ready")) == [f"{s.name}.ready" for s in local.ds.shards]

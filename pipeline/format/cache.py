@@ -38,6 +38,8 @@ DEFAULT_AHEAD = 2  # shards fetched ahead of the one being read
 
 
 class ShardCache:
+    """The local copies of one remote dataset's shards (see the module docstring); `open(i)` is what the reader uses."""
+
     def __init__(self, ds, folder, max_bytes: int, ahead: int = DEFAULT_AHEAD):
         self.ds, self.folder, self.max_bytes, self.ahead = ds, Path(folder), int(max_bytes), ahead
         self.root = self.folder / ds.manifest_sha256[:16]
@@ -261,9 +263,11 @@ class ShardCache:
             for i in todo:
                 try:
                     pinned = self.acquire(i, demanded=False)
-                except BaseException as e:  # noqa: BLE001 (handed to the reader, which raises it when it opens a shard)
+                except UserError as e:  # a damaged or missing file: handed to the reader, which raises it at its next open
                     self._error = e
                     return
+                except Exception:  # noqa: BLE001 (e.g. a dropped connection: the reader's own fetch retries and reports it)
+                    pinned = False
                 if not pinned:  # no room until the reader releases something
                     with self._wake:
                         self._wake.wait(timeout=0.5)
