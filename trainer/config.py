@@ -46,6 +46,12 @@ class TrainConfig:
     ce_only: bool = False
     """CE-only baseline on the same data order: same as --alpha 1."""
     temperature: float = LossConfig.temperature
+    approximate_temperature: bool = False
+    """With stored top-k and a --temperature the dataset has no log-normalizer for (precompute --temperatures): temper
+    with the --tail approximation instead of refusing, with a printed warning (it can be far from tempered KD: the mass
+    outside the stored ids is not known at T other than 1). Sampled targets need no flag: at T other than 1 their
+    estimates are raised to 1/T and renormalized over the drawn ids, a consistent but biased (O(1/N)) plug-in estimate
+    of the tempered teacher."""
     beta: float = LossConfig.beta
     hidden_weight: float = 0.0
     """Weight of the hidden-state loss (0 = off). Needs a dataset captured with --hidden-layers."""

@@ -59,8 +59,10 @@ def rank_slice(n: int, rank: int, world_size: int, drop_remainder: bool = True) 
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def read_targets(shard: Shard, rows: np.ndarray, kind: str) -> dict[str, torch.Tensor]:
-    """Teacher targets of `rows` as loss inputs: teacher_ids (B, T, M) int64, teacher_logprobs (B, T, M) float32.
+def read_targets(shard: Shard, rows: np.ndarray, kind: str, log_norm_temperature: float | None = None) -> dict[str, torch.Tensor]:
+    """Teacher targets of `rows` as loss inputs: teacher_ids (B, T, M) int64, teacher_logprobs (B, T, M) float32, and
+    with `log_norm_temperature` (top-k only) teacher_log_norm (B, T) float32, the stored log sum_v p_v^(1/T) that tempers
+    the top-k exactly (trainer.losses.buckets).
 
     The one place that turns stored targets into loss inputs. kind: 'none' (CE only, online teacher), or a stored kind
     ('topk', 'sampled'), decoded from either encoding by the format reader; padded slots have log-prob -inf.
@@ -68,8 +70,14 @@ def read_targets(shard: Shard, rows: np.ndarray, kind: str) -> dict[str, torch.T
     if kind == "none":
         return {}
     ids, logprobs = shard.sparse_targets(kind, rows)  # (B, T, M) each
-    return {"teacher_ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
-            "teacher_logprobs": torch.from_numpy(np.ascontiguousarray(logprobs, dtype=np.float32))}
+    out = {"teacher_ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+           "teacher_logprobs": torch.from_numpy(np.ascontiguousarray(logprobs, dtype=np.float32))}
+    if log_norm_temperature is not None and kind == "topk":
+        log_norm = shard.log_norm(log_norm_temperature, rows)  # (B, T); train refuses a temperature that is not stored
+        if log_norm is None:
+            raise UserError(f"shard {shard.name} stores no log-normalizer at temperature {log_norm_temperature:g}")
+        out["teacher_log_norm"] = torch.from_numpy(log_norm)
+    return out
 
 
 def stored_target_kind(ds: Dataset) -> str:
@@ -97,11 +105,13 @@ class WindowReader(torch.utils.data.IterableDataset):
         targets: str = "topk",
         hidden_layers: tuple[int, ...] = (),
         verify: bool = True,
+        log_norm_temperature: float | None = None,
     ):
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle, self.epochs, self.targets, self.verify = shuffle, epochs, targets, verify
         self.hidden_layers = tuple(hidden_layers)
+        self.log_norm_temperature = log_norm_temperature  # top-k: also read the stored log-normalizer at this T
         self.sizes = [s.windows for s in self.ds.shards]
         n = sum(self.sizes)
         part = rank_slice(n, rank, world_size, drop_remainder=shuffle)
@@ -217,8 +227,10 @@ class WindowReader(torch.utils.data.IterableDataset):
             "input_ids": torch.from_numpy(shard.column("input_ids")[rows].astype(np.int64)),  # (B, T)
             "labels": labels.masked_fill(~mask, IGNORE_INDEX),  # (B, T), -100 where there is no next token
             "loss_mask": mask,
+            # (B, T): restart at 0 at each packed example (format 2); 0..T-1 in every window of a format-1 dataset
+            "position_ids": torch.from_numpy(np.ascontiguousarray(shard.column("position_ids", rows), dtype=np.int64)),
         }
-        batch |= read_targets(shard, rows, self.targets)
+        batch |= read_targets(shard, rows, self.targets, self.log_norm_temperature)
         if self.hidden_layers:
             batch["hidden"] = {
                 layer: torch.from_numpy(np.stack([arr[r * T : (r + 1) * T] for r in rows.tolist()]))  # (B, T, H) float16

@@ -59,6 +59,18 @@ def load_student(cfg: TrainConfig, ds: Dataset):
             load_tokenizer(cfg.student, cfg.trust_remote_code))
 
 
+def position_kwargs(position_ids: torch.Tensor | None) -> dict:
+    """`{"position_ids": ...}` when some window restarts its positions (packed examples: transformers then builds a
+    block-diagonal causal mask); `{}` when every row is 0..T-1, which is what the model does without them (format-1
+    and cross-document windows run exactly as before, on any architecture)."""
+    if position_ids is None:
+        return {}
+    T = position_ids.shape[-1]
+    if torch.equal(position_ids, torch.arange(T, device=position_ids.device).expand_as(position_ids)):
+        return {}
+    return {"position_ids": position_ids}
+
+
 def looks_local(path: str) -> bool:
     """A path the user meant as a folder on this machine (not a hub id such as `org/name`)."""
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
@@ -194,15 +206,20 @@ class DistillStep(nn.Module):
         self.model, self.projections, self.loss_cfg = model, projections, loss_cfg
         self.layer_map, self.hidden_weight, self.hidden_loss, self.fused = layer_map, hidden_weight, hidden_loss, fused
 
-    def forward(self, input_ids, labels, teacher_ids=None, teacher_logprobs=None, teacher_logits=None, hidden=None):
-        """input_ids, labels (B, T); teacher_ids/logprobs (B, T, K); teacher_logits (B, T, V); hidden {teacher layer: (B, T, H)}."""
+    def forward(self, input_ids, labels, teacher_ids=None, teacher_logprobs=None, teacher_logits=None, hidden=None,
+                position_ids=None, teacher_log_norm=None):
+        """input_ids, labels, position_ids (B, T); teacher_ids/logprobs (B, T, K); teacher_logits (B, T, V); hidden
+        {teacher layer: (B, T, H)}. Restarting position ids keep packed examples apart (no attention mask is passed).
+        teacher_log_norm (B, T): the stored log sum_v p_v^(1/T) at the loss temperature (exact tempering of top-k)."""
+        pos = position_kwargs(position_ids)
         need_hiddens = bool(self.layer_map)
         flat = lambda x: None if x is None else x.flatten(0, 1)  # (B, T, ...) -> (N, ...)
-        targets = dict(teacher_ids=flat(teacher_ids), teacher_logprobs=flat(teacher_logprobs), teacher_logits=flat(teacher_logits))
+        targets = dict(teacher_ids=flat(teacher_ids), teacher_logprobs=flat(teacher_logprobs), teacher_logits=flat(teacher_logits),
+                       teacher_log_norm=flat(teacher_log_norm))
         if self.fused:
-            out = self.model.base_model(input_ids=input_ids, output_hidden_states=need_hiddens, use_cache=False)
+            out = self.model.base_model(input_ids=input_ids, output_hidden_states=need_hiddens, use_cache=False, **pos)
         else:
-            out = self.model(input_ids=input_ids, output_hidden_states=need_hiddens, use_cache=False)
+            out = self.model(input_ids=input_ids, output_hidden_states=need_hiddens, use_cache=False, **pos)
         # The losses do their own float32 math on (possibly bfloat16) inputs; autocast must not recast inside them.
         with torch.autocast(input_ids.device.type, enabled=False):
             if self.fused:

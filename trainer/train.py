@@ -70,7 +70,8 @@ def train(cfg: TrainConfig) -> dict:
     problems = compatibility_problems(model, tokenizer, ds)
     layer_map, layer_problems = resolve_layer_map(cfg, model, ds)
     targets, target_problems = target_kind(cfg, ds)
-    problems += layer_problems + target_problems
+    log_norm_t, temperature_problems = stored_temperature(cfg, ds, targets, rank)
+    problems += layer_problems + target_problems + temperature_problems
     if eval_ds is not None:
         problems += [f"--eval-data: {p}" for p in compatibility_problems(model, tokenizer, eval_ds)]
     online_teacher = None  # a model run at every step (--online-teacher); the dataset's teacher is only a record
@@ -98,7 +99,7 @@ def train(cfg: TrainConfig) -> dict:
         run_step = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(step_fn, cfg, device)
     reader = WindowReader(ds, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, targets=targets,
-                          hidden_layers=tuple(sorted(set(layer_map.values()))))
+                          hidden_layers=tuple(sorted(set(layer_map.values()))), log_norm_temperature=log_norm_t)
     total_steps = cfg.steps or max(1, cfg.epochs * reader.batches_per_epoch // cfg.grad_accum)
     lr_factor = lr_schedule(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)
     note = warmup_note(cfg.warmup, total_steps) if rank == 0 and not cfg.quiet else None  # said after step 1 (a
@@ -146,7 +147,8 @@ def train(cfg: TrainConfig) -> dict:
                 raise batch["error"]
             inputs = model_inputs(batch, device)
             if online_teacher is not None:
-                inputs["teacher_logits"] = online_teacher_logits(online_teacher, inputs["input_ids"], amp_dtype)  # (B, T, V)
+                inputs["teacher_logits"] = online_teacher_logits(online_teacher, inputs["input_ids"], amp_dtype,
+                                                                 inputs.get("position_ids"))  # (B, T, V)
             sync = run_step.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 with autocast():
@@ -242,6 +244,28 @@ def target_kind(cfg: TrainConfig, ds) -> tuple[str, list[str]]:
         return "none", [f"--targets {cfg.targets}: the dataset stores {' and '.join(ds.target_kinds)} targets; pass "
                         f"--targets {ds.target_kinds[0]} or rerun precompute with --targets {cfg.targets}"]
     return cfg.targets, []
+
+
+def stored_temperature(cfg: TrainConfig, ds, targets: str, rank: int = 0) -> tuple[float | None, list[str]]:
+    """The temperature whose stored log-normalizer the reader attaches to top-k batches (None: none needed or used), and
+    why the run cannot go on. Stored top-k log-probs are normalized at T = 1: tempering them exactly needs the teacher's
+    log sum_v p_v^(1/T), captured with `precompute --temperatures`; --approximate-temperature falls back to the --tail
+    approximation (printed warning). Sampled targets never use it: they are tempered as a plug-in estimate."""
+    if targets != "topk" or cfg.temperature == 1.0:
+        return None, []
+    stored = ds.capture.log_norm_temperatures
+    if float(cfg.temperature) in stored:
+        return float(cfg.temperature), []
+    listed = ", ".join(f"{t:g}" for t in stored) or "none"
+    if not cfg.approximate_temperature:
+        return None, [f"--temperature {cfg.temperature:g}: dataset {ds.url} stores the teacher's log-normalizer at "
+                      f"temperatures {listed} (besides 1), so its top-k cannot be tempered exactly at {cfg.temperature:g}; "
+                      f"rerun precompute with --temperatures 1,{cfg.temperature:g}, or pass --approximate-temperature"]
+    if rank == 0:
+        print(f"warning: --approximate-temperature: the dataset has no log-normalizer at T = {cfg.temperature:g} (stored: "
+              f"{listed}); the top-k is tempered with the --tail {cfg.tail} approximation, which can be far from "
+              "tempered KD (rerun precompute with --temperatures to make it exact)", file=sys.stderr)
+    return None, []
 
 
 def resume_point(out: Path, cfg: TrainConfig, ds) -> Path | None:
@@ -411,7 +435,8 @@ def warmup_cosine(warmup: int, total: int):
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
     """The reader's batch as DistillStep's arguments, on the device."""
-    inputs = {key: batch[key].to(device, non_blocking=True) for key in ("input_ids", "labels", "teacher_ids", "teacher_logprobs")
+    inputs = {key: batch[key].to(device, non_blocking=True)
+              for key in ("input_ids", "labels", "teacher_ids", "teacher_logprobs", "position_ids", "teacher_log_norm")
               if key in batch}
     if "hidden" in batch:
         inputs["hidden"] = {layer: h.to(device, non_blocking=True) for layer, h in batch["hidden"].items()}

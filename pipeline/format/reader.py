@@ -161,7 +161,7 @@ class Shard:
         temps = self.dataset.capture.log_norm_temperatures
         if float(temperature) not in temps:
             return None
-        return np.ascontiguousarray(self.column("log_norm", rows)[..., temps.index(float(temperature))], np.float32)
+        return np.array(self.column("log_norm", rows)[..., temps.index(float(temperature))], np.float32)  # a copy: writable
 
     def check_zarr(self) -> None:
         """Refuse a Zarr folder that holds a symlink, a special file, a file the manifest does not list or Zarr v2
