@@ -76,19 +76,29 @@ def _topk_recon_kl(lp, top_ids, top_lp, stored, mass) -> torch.Tensor:
 def quantize_logprobs(top_lp: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """Compact encoding of sorted top-k log-probs (B, T, K): per position, the range [lo, hi] = [rank-K, rank-1] values
     in float16 and each value as an integer q in [0, 2**bits - 1] on a uniform grid of that range (log domain: the
-    error in KL is about mass * step**2 / 24, so a few bits suffice and the largest probabilities keep their range ends
-    exactly). Returns topk_q (B, T, K) int32, topk_hi/topk_lo (B, T) float16, and the dequantized values (B, T, K)
+    error in KL is about mass * step**2 / 24, so a few bits suffice). The ends are rounded to float16 outwards (hi up,
+    lo down), so every value lies inside the stored range and its error is at most half a step (plus float32 rounding)
+    at every bit width; rounded to nearest, an end could miss by half a float16 ulp, 1.5 steps at 10 bits.
+    Returns topk_q (B, T, K) int32, topk_hi/topk_lo (B, T) float16, and the dequantized values (B, T, K)
     float32 that the reader will see (used for the fidelity figures).
     """
     levels = (1 << bits) - 1
-    hi = top_lp[..., 0].half()  # (B, T)
-    lo = top_lp[..., -1].half()
+    hi = _half_rounded(top_lp[..., 0], up=True)  # (B, T)
+    lo = _half_rounded(top_lp[..., -1], up=False)
     hi32, lo32 = hi.float()[..., None], lo.float()[..., None]
     span = lo32 - hi32  # <= 0
     safe = torch.where(span < 0, span, torch.full_like(span, -1.0))
     q = torch.where(span < 0, ((top_lp - hi32) / safe * levels).round(), torch.zeros_like(top_lp)).clamp(0, levels)
     deq = hi32 + (lo32 - hi32) * (q / levels)
     return {"topk_q": q.to(torch.int32), "topk_hi": hi, "topk_lo": lo, "topk_stored": deq}
+
+
+def _half_rounded(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """float32 x -> float16 at or above x (`up`) or at or below it: the nearest one, else its neighbour that way."""
+    h = x.half()
+    wrong = h.float() < x if up else h.float() > x
+    toward = torch.full_like(h, float("inf") if up else float("-inf"))
+    return torch.where(wrong, torch.nextafter(h, toward), h)
 
 
 def sampled_targets(logits: torch.Tensor, n: int, temperature: float, generator: torch.Generator | None = None,
