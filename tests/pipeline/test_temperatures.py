@@ -99,6 +99,12 @@ def test_cli_temperatures(tmp_path, teacher_dir, one_document):
     r = CliRunner().invoke(commands, base + ["--out", str(out), "--temperatures", "1,2,4"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "manifest.json").read_text())["capture"]["log_norm_temperatures"] == [2.0, 4.0]
+    r = CliRunner().invoke(commands, ["inspect", str(out), "--json"])
+    s = json.loads(r.output)
+    assert s["exact_temperatures"] == [1.0, 2.0, 4.0] and s["recon_kl_positions"].startswith("every 8th")
+    text = CliRunner().invoke(commands, ["inspect", str(out)]).output
+    line = next(x for x in text.splitlines() if x.startswith("recon_kl_mean"))
+    assert line.endswith("(measured on every 8th position, not all)") and f"{s['recon_kl_mean']:.4g}" in line
 
 
 @pytest.mark.parametrize("bad", [[1.0], [4.0, 2.0], [2.0, 2.0], ["2"], [0.0], 2.0])
