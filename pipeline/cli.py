@@ -12,23 +12,16 @@ import sys
 
 import click
 
-from .common.cli import field_help
-from .common.errors import UserError, run_or_exit
-from .config import DTYPES, ENCODINGS, TARGETS, PrecomputeConfig
+from .chat import TRAIN_ON
+from .common.cli import config_options, field_help
+from .common.errors import run_or_exit
+from .config import DTYPES, TARGETS, PrecomputeConfig
+from .format.manifest import COMPRESSIONS, ENCODINGS
+from .packing import LONG
+from .sources import FORMATS
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(f"--hidden-layers {text!r} is not a comma-separated list of integers; e.g. --hidden-layers 2,-1")
-
-
-def parse_float_list(text: str, flag: str, example: str) -> list[float]:
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(f"{flag} {text!r} is not a comma-separated list of numbers; e.g. {flag} {example}")
+STORAGE_OPTIONS_HELP = field_help(PrecomputeConfig)["storage_options"]  # inspect/verify take it too
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,68 +29,23 @@ def commands():
     """distill stage one: precompute, inspect, verify (`python -m pipeline.cli` runs them without stage two)."""
 
 
-def _h(name):
-    return field_help(PrecomputeConfig)[name]
-
-
 @commands.command()
-@click.option("--teacher", required=True, help=_h("teacher"))
-@click.option("--data", "data", multiple=True, required=True, help=_h("data") + " Repeatable.")
-@click.option("--out", required=True, help=_h("out"))
-@click.option("--text-column", default="text", show_default=True, help=_h("text_column"))
-@click.option("--format", "format", default="auto", show_default=True,
-              type=click.Choice(["auto", "text", "chat", "prompt-completion"]), help=_h("format"))
-@click.option("--data-split", default="train", show_default=True, help=_h("data_split"))
-@click.option("--data-config", default=None, help=_h("data_config"))
-@click.option("--chat-template", default=None, help=_h("chat_template"))
-@click.option("--train-on", default=None, type=click.Choice(["assistant", "completion", "all"]), help=_h("train_on"))
-@click.option("--packing/--no-packing", default=True, show_default=True, help=_h("packing"))
-@click.option("--cross-document-attention", is_flag=True, help=_h("cross_document_attention"))
-@click.option("--long-examples", default="split", show_default=True, type=click.Choice(["split", "truncate"]),
-              help=_h("long_examples"))
-@click.option("--top-k", default=64, show_default=True, type=int, help=_h("top_k"))
-@click.option("--targets", default="topk", show_default=True, type=click.Choice(TARGETS), help=_h("targets"))
-@click.option("--samples", default=32, show_default=True, type=int, help=_h("samples"))
-@click.option("--sample-temperature", default=1.0, show_default=True, type=float, help=_h("sample_temperature"))
-@click.option("--seed", default=0, show_default=True, type=int, help=_h("seed"))
-@click.option("--encoding", default="exact", show_default=True, type=click.Choice(ENCODINGS), help=_h("encoding"))
-@click.option("--logprob-bits", default=7, show_default=True, type=int, help=_h("logprob_bits"))
-@click.option("--temperatures", default="1", show_default=True, help=_h("temperatures") + " Comma-separated.")
-@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "zstd"]), help=_h("compression"))
-@click.option("--hidden-layers", default="", help=_h("hidden_layers") + " Comma-separated, e.g. 2,-1.")
-@click.option("--seq-len", default=512, show_default=True, type=int, help=_h("seq_len"))
-@click.option("--batch-size", default=8, show_default=True, type=int, help=_h("batch_size"))
-@click.option("--shard-size", default=256, show_default=True, type=int, help=_h("shard_size"))
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES), help=_h("dtype"))
-@click.option("--device", default="auto", show_default=True, help=_h("device"))
-@click.option("--max-tokens", default=None, type=int, help=_h("max_tokens"))
-@click.option("--rank", default=None, type=int, help=_h("rank"))
-@click.option("--world-size", default=None, type=int, help=_h("world_size"))
-@click.option("--revision", default=None, help=_h("revision"))
-@click.option("--trust-remote-code", is_flag=True, help=_h("trust_remote_code"))
-@click.option("--storage-options", default=None, help=_h("storage_options"))
-@click.option("--stage-dir", default=None, help=_h("stage_dir"))
-@click.option("--head-chunk", default=512, show_default=True, type=int, help=_h("head_chunk"))
-@click.option("--attn-implementation", default=None, help=_h("attn_implementation"))
-@click.option("--device-map", default=None, help=_h("device_map"))
-@click.option("--max-memory", default=None, help=_h("max_memory"))
-@click.option("--tp", default=1, show_default=True, type=int, help=_h("tp"))
-@click.option("--license", default=None, help=_h("license"))
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def precompute(hidden_layers, temperatures, no_progress, data, **kw):
+@config_options(PrecomputeConfig, required=("teacher", "data", "out"), skip=("command",), on_off=("packing", "progress"),
+                choices={"format": FORMATS, "train_on": TRAIN_ON, "long_examples": LONG, "targets": TARGETS,
+                         "encoding": ENCODINGS, "compression": COMPRESSIONS, "dtype": DTYPES},
+                extra_help={"data": "Repeatable.", "temperatures": "Comma-separated.", "hidden_layers": "Comma-separated, e.g. 2,-1."})
+def precompute(**values):
     """Run a teacher over a corpus once and write its top-k log-probs (and hidden states) as a dataset."""
 
     def go():
         from .format.remote import redact, redact_command
         from .precompute import precompute as run
 
-        cfg = PrecomputeConfig(data=list(data), hidden_layers=parse_int_list(hidden_layers), progress=not no_progress,
-                               temperatures=parse_float_list(temperatures, "--temperatures", "1,2,4"),
-                               command=redact_command(["distill"] + sys.argv[1:]), **kw)
+        cfg = PrecomputeConfig(**(values | {"data": list(values["data"])}), command=redact_command(["distill"] + sys.argv[1:]))
         manifest = run(cfg)
         if "totals" in manifest:
             t = manifest["totals"]
-            click.echo(f"wrote {redact(kw['out'])}: {t['shards']} shards, {t['tokens']} tokens, {t['bytes_per_token']:.1f} bytes/token")
+            click.echo(f"wrote {redact(cfg.out)}: {t['shards']} shards, {t['tokens']} tokens, {t['bytes_per_token']:.1f} bytes/token")
 
     run_or_exit(go)
 
@@ -146,7 +94,7 @@ def summary(ds) -> dict:
 @commands.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--storage-options", default=None, help=_h("storage_options"))
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
 def inspect(path, as_json, storage_options):
     """Summarize a dataset: teacher, tokenizer, tokens, shards, k, layers, bytes per token, fidelity."""
 
@@ -177,7 +125,7 @@ def inspect(path, as_json, storage_options):
 @commands.command()
 @click.argument("path")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (it is shown only on a terminal).")
-@click.option("--storage-options", default=None, help=_h("storage_options"))
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
 @click.option("--cache-dir", default=None, help="Local folder for the shards of a remote dataset (default "
               "$XDG_CACHE_HOME/distill/shards); each is checked against its checksums on arrival.")
 @click.option("--cache-gb", default=None, type=float, help="Size limit of --cache-dir in GB (default 20); least "

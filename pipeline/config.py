@@ -103,10 +103,10 @@ class PrecomputeConfig:
     """This process's rank; defaults to $RANK (torchrun) or 0. Shard i belongs to rank i % world_size."""
     world_size: int | None = None
     """Number of processes sharing the work; defaults to $WORLD_SIZE or 1."""
-    trust_remote_code: bool = False
-    """Allow model/tokenizer code from the teacher's repository to run. Only for teachers you trust."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the teacher."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the teacher's repository to run. Only for teachers you trust."""
     storage_options: str | None = None
     """JSON object of extra fsspec filesystem arguments for a URL --out (e.g. '{"profile": "team"}'); credentials
     otherwise come from the standard places (AWS_* variables, ~/.aws, AWS_ENDPOINT_URL). Never recorded."""

@@ -32,28 +32,32 @@ def field_help(cls) -> dict[str, str]:
     return out
 
 
-class IntList(click.ParamType):
-    """A comma-separated list of integers ("2,-1") as a list of int."""
+class CommaList(click.ParamType):
+    """A comma-separated list of numbers ("2,-1", "1,2,4") as a list of `item`."""
 
-    name = "INTS"
+    def __init__(self, item: type):
+        self.item, self.name = item, f"{item.__name__.upper()}S"
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
-            return list(value)
+            return [self.item(x) for x in value]
         try:
-            return [int(x) for x in str(value).replace(" ", "").split(",") if x]
+            return [self.item(x) for x in str(value).replace(" ", "").split(",") if x]
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers (e.g. 2,-1)", param, ctx)
+            self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__} values (e.g. 2,-1)", param, ctx)
 
 
 def _click_type(cls, f, choices: dict) -> tuple[object, bool]:
-    """The click type of a field and whether the flag repeats (list fields: --data a --data b)."""
+    """The click type of a field and whether the flag repeats: list[str] fields repeat (--data a --data b), lists of
+    numbers are one comma-separated value (--hidden-layers 2,-1)."""
     if f.name in choices:
         return click.Choice(choices[f.name]), False
     hint = typing.get_type_hints(cls)[f.name]
-    repeat = typing.get_origin(hint) is list
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return {int: int, float: float, bool: bool, str: str}.get(args[0], str), repeat
+    base = {int: int, float: float, bool: bool, str: str}.get(args[0], str)
+    if typing.get_origin(hint) is list:
+        return (str, True) if base is str else (CommaList(base), False)
+    return base, False
 
 
 def config_options(cls, *, required: tuple[str, ...] = (), choices: dict | None = None, hidden: tuple[str, ...] = (),
@@ -62,9 +66,10 @@ def config_options(cls, *, required: tuple[str, ...] = (), choices: dict | None 
     """Decorator adding one click option per field of the config dataclass `cls` (in field order).
 
     help: the field's docstring, or that of the same field in one of the `help_from` dataclasses (+ `extra_help[name]`);
-    default: the field's default (shown unless None/False).
+    default: the field's default (shown unless None/False/empty).
     choices: field -> allowed values; hidden: fields left out of --help; on_off: booleans that default to on and get
     --x/--no-x; skip: fields that are not flags; types: field -> click type overriding the annotation's.
+    list[str] fields become repeatable flags, lists of numbers one comma-separated value.
     """
     helps = {k: v for other in help_from for k, v in field_help(other).items()} | field_help(cls)
     choices, types, extra_help = choices or {}, types or {}, extra_help or {}
