@@ -90,14 +90,21 @@ def axolotl_targets(logprobs: np.ndarray, mode: str, temperature: float) -> np.n
     return (z - (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))).astype(np.float32)
 
 
-def window_rows(input_ids: np.ndarray, labels: np.ndarray, loss_mask: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> dict:
+def window_rows(input_ids: np.ndarray, labels: np.ndarray, loss_mask: np.ndarray, ids: np.ndarray, logprobs: np.ndarray,
+                position_ids: np.ndarray | None = None) -> dict:
     """One shard's windows as axolotl rows (equal-length lists of T + 1 positions).
 
-    input_ids, labels, loss_mask: (W, T); ids (W, T, K) int64; logprobs (W, T, K) float32 (already converted)."""
+    input_ids, labels, loss_mask, position_ids: (W, T); ids (W, T, K) int64; logprobs (W, T, K) float32 (already
+    converted). In a format-2 window an example's last token is only a label (the next input is padding): it is put
+    back as the next token. Axolotl rows carry no position ids, so examples packed into one window see each other there."""
     W, T = input_ids.shape
     K = ids.shape[-1]
     mask = loss_mask.astype(bool)
     tokens = np.concatenate([input_ids, labels[:, -1:]], axis=1).astype(np.int64)  # (W, T+1): window + next token
+    if position_ids is not None:  # a trained label followed by padding (not by the next example): it is the next token
+        follows = np.concatenate([position_ids[:, 1:] != 0, np.ones((W, 1), bool)], axis=1)  # (W, T)
+        put = mask & follows
+        tokens[:, 1:][put] = labels[put]
     real = np.concatenate([np.ones((W, 1), bool), mask], axis=1)  # token t is real when t = 0 or t-1 predicts it
     row_labels = np.where(real, tokens, IGNORE_INDEX)
     row_labels[:, 0] = IGNORE_INDEX  # nothing predicts the first token
@@ -143,7 +150,7 @@ def export_axolotl(dataset: str, out: str, *, logprobs: str = "renormalized", te
             shard.verify_checksums(hidden=False)  # what leaves is what was captured
             ids, lp = shard.sparse_targets("topk")  # (W, T, K) each
             table = pa.table(window_rows(shard.column("input_ids"), shard.column("labels"), shard.column("loss_mask"), ids,
-                                         axolotl_targets(lp, logprobs, temperature)))
+                                         axolotl_targets(lp, logprobs, temperature), shard.column("position_ids")))
             pq.write_table(table, data / f"train-{i:05d}-of-{n:05d}.parquet")
             rows += table.num_rows
         shutil.copytree(Path(ds.root) / "tokenizer", tmp / "tokenizer") if ds.is_local else _copy_remote_tokenizer(ds, tmp)
@@ -411,6 +418,7 @@ def import_axolotl(src: str, out: str, tokenizer: str, *, seq_len: int | None = 
             stack["topk_ids"] = stack["topk_ids"].astype(dt)
             stack["topk_logprobs"] = stack["topk_logprobs"].astype(np.float16)
             stack["input_ids"], stack["labels"] = stack["input_ids"].astype(dt), stack["labels"].astype(dt)
+            stack["position_ids"] = np.broadcast_to(np.arange(T, dtype=np.int32), stack["input_ids"].shape)  # one sample a row
             stack["target_logprob"] = _target_logprob(stack)
             valid = stack["loss_mask"].astype(bool)
             mass = np.exp(stack["topk_logprobs"].astype(np.float64)).sum(-1)

@@ -154,11 +154,9 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
         rows = iter_examples(cfg.data, cfg.format, cfg.text_column, cfg.data_split, cfg.data_config, src,
                              parse_storage_options(cfg.storage_options))
         tokenized = tokenize_examples(rows, tokenizer, cfg.train_on, tokenizer.eos_token_id)
-        if stream and cfg.max_tokens is not None:  # format 1's stream: cut at max_tokens + 1 tokens, mid-example
-            tokenized, limit = cap_stream(tokenized, cfg.max_tokens + 1), None
-        else:
-            limit = cfg.max_tokens
-        found = write_examples(tokenized, progress_dir, tok_dtype, limit, progress=bar.update)
+        if cfg.max_tokens is not None:  # max_tokens + 1 tokens in all (as format 1): the example crossing it is cut
+            tokenized = cap_stream(tokenized, cfg.max_tokens + 1)
+        found = write_examples(tokenized, progress_dir, tok_dtype, None, progress=bar.update)
         bar.close()
         if src.skipped:
             print(f"skipped {src.skipped} undecodable file(s) (not UTF-8), e.g. {', '.join(src.skipped_examples)}", file=sys.stderr)

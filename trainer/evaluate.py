@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import EvalConfig
 from .data import IGNORE_INDEX, WindowReader, check_batch, make_loader, stored_target_kind
+from .student import position_kwargs
 
 ECE_BINS = 10
 
@@ -92,15 +93,17 @@ def finish_metrics(sums: dict) -> dict:
     }
 
 
-def logits_chunks(model, input_ids: torch.Tensor, fused: bool, chunk_size: int):
-    """The student's logits (n, V) chunk by chunk over the B*T positions, without holding (B*T, V) when fused."""
+def logits_chunks(model, input_ids: torch.Tensor, fused: bool, chunk_size: int, position_ids: torch.Tensor | None = None):
+    """The student's logits (n, V) chunk by chunk over the B*T positions, without holding (B*T, V) when fused.
+    position_ids (B, T): packed examples stay apart (`trainer.student.position_kwargs`)."""
+    pos = position_kwargs(position_ids)
     if fused:
-        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)  # (N, D)
+        hidden = model.base_model(input_ids=input_ids, use_cache=False, **pos).last_hidden_state.flatten(0, 1)  # (N, D)
         emb = model.get_output_embeddings()
         for start in range(0, hidden.shape[0], chunk_size):
             yield start, F.linear(hidden[start : start + chunk_size], emb.weight, emb.bias)  # (n, V)
     else:
-        logits = model(input_ids=input_ids, use_cache=False).logits.flatten(0, 1)  # (N, V)
+        logits = model(input_ids=input_ids, use_cache=False, **pos).logits.flatten(0, 1)  # (N, V)
         for start in range(0, logits.shape[0], chunk_size):
             yield start, logits[start : start + chunk_size]
 
@@ -124,7 +127,8 @@ def evaluate_batches(model, batches, device: torch.device, amp_dtype: torch.dtyp
             if ids is not None:
                 ids, lps = ids.flatten(0, 1).to(device), lps.flatten(0, 1).to(device)  # (N, K)
             with autocast:
-                for start, logits in logits_chunks(model, input_ids, fused, chunk_size):
+                position_ids = batch["position_ids"].to(device) if "position_ids" in batch else None  # (B, T)
+                for start, logits in logits_chunks(model, input_ids, fused, chunk_size, position_ids):
                     end = start + logits.shape[0]
                     part = metric_sums(logits, labels[start:end], None if ids is None else ids[start:end],
                                        None if lps is None else lps[start:end])

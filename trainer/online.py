@@ -13,7 +13,7 @@ import torch
 
 from pipeline.format.reader import Dataset
 
-from .student import compatibility_problems, load_pretrained, load_tokenizer
+from .student import compatibility_problems, load_pretrained, load_tokenizer, position_kwargs
 
 
 def load_online_teacher(path: str, ds: Dataset, device: torch.device, amp_dtype: torch.dtype | None,
@@ -27,8 +27,10 @@ def load_online_teacher(path: str, ds: Dataset, device: torch.device, amp_dtype:
 
 
 @torch.no_grad()
-def online_teacher_logits(teacher, input_ids: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """(B, T) token ids -> (B, T, V) float32 teacher logits. no_grad, not inference_mode: the loss saves them for backward."""
+def online_teacher_logits(teacher, input_ids: torch.Tensor, amp_dtype: torch.dtype | None,
+                          position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) token ids [and position ids] -> (B, T, V) float32 teacher logits. no_grad, not inference_mode: the loss
+    saves them for backward."""
     autocast = torch.autocast(input_ids.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with autocast:
-        return teacher(input_ids=input_ids, use_cache=False).logits.float()
+        return teacher(input_ids=input_ids, use_cache=False, **position_kwargs(position_ids)).logits.float()

@@ -218,9 +218,8 @@ def check_layout(shard) -> None:
         follows = mask[:, :-1]
     else:  # version 2: position ids start at 0 or continue the previous position; labels checked inside an example
         pos = shard.column("position_ids").astype(np.int64)  # (W, T)
-        bad = (pos[:, 1:] != 0) & (pos[:, 1:] != pos[:, :-1] + 1)
-        if pos.size and (pos[:, 0] < 0).any():
-            bad = np.concatenate([(pos[:, :1] < 0), bad], 1)
+        bad = pos < 0  # (W, T)
+        bad[:, 1:] |= (pos[:, 1:] != 0) & (pos[:, 1:] != pos[:, :-1] + 1)
         if bad.any():
             fail("position_ids", f"{_first(bad)} neither restarts at 0 nor continues the position before it")
         follows = mask[:, :-1] & mask[:, 1:] & (pos[:, 1:] == pos[:, :-1] + 1)

@@ -28,7 +28,8 @@ def dataset(tmp_path_factory, teacher_dir, corpus_dir):
 
     out = tmp_path_factory.mktemp("axo") / "ds"
     precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(out), seq_len=T, top_k=K,
-                                batch_size=8, shard_size=8, max_tokens=20 * T + 5, progress=False))
+                                batch_size=8, shard_size=8, max_tokens=20 * T + 5, progress=False,
+                                cross_document_attention=True))  # axolotl rows: one stream, labels the next inputs
     return out
 
 

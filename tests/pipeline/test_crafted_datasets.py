@@ -351,9 +351,9 @@ VALUES = {
     "positive target log-prob": (replace_column("target_logprob", set_at((3, 3), 1.0)), r"target_logprob: log-prob 1 > 0"),
     "sample count 0 unique": (replace_column("sample_n", set_at((0, 0), 0)), r"sample_n: 0 unique ids at window 0, position 0"),
     "window_index": (replace_column("window_index", lambda a: a[::-1].copy()), r"window_index: window 0 has index 7, expected 0"),
-    # the last shard's last window (12 valid positions of 16): a 0 moved to the front keeps the valid-token count
-    "mask hole": (replace_column("loss_mask", lambda a: [set_at((2, 0), 0)(a), set_at((2, 12), 1)(a)][1]),
-                  r"loss_mask: a 1 after a 0 at window 2, position 0", "00002"),
+    # format 2: positions restart at 0 or count up (a loss_mask hole is a prompt position, allowed)
+    "position jump": (replace_column("position_ids", set_at((2, 5), 9)),
+                      r"position_ids: window 2, position 5 neither restarts at 0 nor continues", "00002"),
     "labels not shifted": (replace_column("labels", set_at((1, 4), 7)), r"labels: label differs from the next input at window 1, position 4"),
 }
 

@@ -17,9 +17,11 @@ TEACHER = ["name_or_path", "revision", "model_type", "architectures", "config_sh
            "num_hidden_layers", "hidden_size", "max_position_embeddings", "parameters"]
 TOKENIZER = ["class", "vocab_size", "sha256", "special_tokens", "bos_token_id", "eos_token_id", "pad_token_id", "path", "files"]
 CORPUS = ["files", "file_count", "fingerprint", "text_column", "seq_len", "packing", "documents", "skipped_files",
-          "corpus_tokens", "max_tokens"]
+          "corpus_tokens", "max_tokens", "layout", "formats", "train_on", "examples", "trained_tokens", "long_examples",
+          "packing_stats"]
 SETTINGS_HEAD = ["format_version", "teacher", "teacher_identity", "teacher_config_sha256", "teacher_dtype", "tokenizer_sha256",
-                 "corpus_fingerprint", "text_column", "seq_len", "max_tokens"]
+                 "corpus_fingerprint", "text_column", "seq_len", "max_tokens", "format", "data_split", "data_config", "train_on",
+                 "layout", "long_examples"]
 SHARD = ["name", "windows", "tokens", "valid_tokens", "bytes", "files", "stats"]
 BASE = {"batch_size": 2, "shard_size": 3, "world_size": 1}
 
@@ -31,7 +33,7 @@ CASES = {
          "token_dtype": "uint16", "hidden_layers": [], **BASE, "logprob_dtype": "float16"},
         ["targets", "top_k", "encoding", "compression", "hidden_layers", "batch_size", "shard_size"],
         ["recon_kl", "topk_mass"],
-        ["window_index", "input_ids", "labels", "loss_mask", "target_logprob", "topk_ids", "topk_logprobs"],
+        ["window_index", "input_ids", "labels", "loss_mask", "position_ids", "target_logprob", "topk_ids", "topk_logprobs"],
     ),
     "exact-both-hidden-tau": (
         dict(targets="both", top_k=6, samples=300, sample_temperature=0.7, seed=3, hidden_layers=[1, -1]),
@@ -42,7 +44,7 @@ CASES = {
         ["targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "compression", "hidden_layers", "batch_size",
          "shard_size"],
         ["recon_kl", "sample_mass", "sample_rkl", "sample_unique", "topk_mass"],
-        ["window_index", "input_ids", "labels", "loss_mask", "target_logprob", "topk_ids", "topk_logprobs", "sample_n",
+        ["window_index", "input_ids", "labels", "loss_mask", "position_ids", "target_logprob", "topk_ids", "topk_logprobs", "sample_n",
          "sample_ids", "sample_counts", "sample_logweights"],
     ),
     "compact-both-zstd": (
@@ -54,7 +56,7 @@ CASES = {
         ["targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "logprob_bits", "compression",
          "hidden_layers", "batch_size", "shard_size"],
         ["recon_kl", "sample_mass", "sample_rkl", "sample_unique", "topk_mass"],
-        ["window_index", "input_ids", "labels", "loss_mask", "target_logprob", "topk_ids_packed", "topk_logprobs_packed",
+        ["window_index", "input_ids", "labels", "loss_mask", "position_ids", "target_logprob", "topk_ids_packed", "topk_logprobs_packed",
          "topk_logprob_hi", "topk_logprob_lo", "sample_n", "sample_ids_packed", "sample_counts_packed"],
     ),
     "compact-sampled-tau": (
@@ -65,7 +67,7 @@ CASES = {
         ["targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "compression", "hidden_layers",
          "batch_size", "shard_size"],
         ["sample_mass", "sample_rkl", "sample_unique"],
-        ["window_index", "input_ids", "labels", "loss_mask", "target_logprob", "sample_n", "sample_ids_packed",
+        ["window_index", "input_ids", "labels", "loss_mask", "position_ids", "target_logprob", "sample_n", "sample_ids_packed",
          "sample_counts_packed", "sample_logweights"],
     ),
 }
@@ -76,14 +78,14 @@ def test_manifest_shape(case, tmp_path, teacher_dir, corpus_dir):
     options, capture, settings_capture, stats, columns = CASES[case]
     out = tmp_path / "out"
     cfg = PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(out), seq_len=16, batch_size=2,
-                           shard_size=3, max_tokens=100, progress=False, **options)
+                           shard_size=3, max_tokens=100, progress=False, cross_document_attention=True, **options)
     precompute(cfg)
     raw = (out / "manifest.json").read_text()
     m = json.loads(raw)
     assert raw == json.dumps(m, indent=2) + "\n"  # the serialization itself
     assert list(m) == ["format", "format_version", "created_by", "teacher", "tokenizer", "corpus", "capture", "settings",
                        "schema", "shards", "totals"]
-    assert m["format"] == "distill-logits" and m["format_version"] == 1
+    assert m["format"] == "distill-logits" and m["format_version"] == 2
     assert list(m["created_by"]) == ["tool", "version", "command", "sessions"]
     assert list(m["created_by"]["sessions"][0]) == ["rank", "world_size", "shards", "tokens", "seconds", "tokens_per_second", "device"]
     assert list(m["teacher"]) == TEACHER and list(m["tokenizer"]) == TOKENIZER and list(m["corpus"]) == CORPUS

@@ -25,7 +25,8 @@ def run(teacher, data, out, **kw):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, teacher_dir, corpus_dir):
     out = tmp_path_factory.mktemp("ds") / "out"
-    run(teacher_dir, [corpus_dir], out, hidden_layers=[1, -1], max_tokens=700)
+    # one stream, as in format 1 (packed and chat captures: tests/pipeline/test_capture_chat.py)
+    run(teacher_dir, [corpus_dir], out, hidden_layers=[1, -1], max_tokens=700, cross_document_attention=True)
     return out
 
 
@@ -41,7 +42,7 @@ def all_tokens(tokenizer_dir, corpus_dir, limit):
 
 def test_manifest_describes_the_capture(dataset, teacher_dir):
     m = json.loads((dataset / "manifest.json").read_text())
-    assert m["format"] == "distill-logits" and m["format_version"] == 1
+    assert m["format"] == "distill-logits" and m["format_version"] == 2
     assert m["teacher"]["name_or_path"] == str(teacher_dir) and m["teacher"]["vocab_size"] == 320
     assert m["capture"]["top_k"] == K and [x["index"] for x in m["capture"]["hidden_layers"]] == [1, 2]
     assert m["capture"]["token_dtype"] == "uint16"
@@ -135,7 +136,7 @@ def test_two_ranks_equal_one_process(tmp_path, teacher_dir, corpus_dir):
 
 def test_rerun_on_a_complete_dataset_does_nothing(dataset, teacher_dir, corpus_dir):
     before = (dataset / "manifest.json").read_bytes()
-    m = run(teacher_dir, [corpus_dir], dataset, hidden_layers=[1, -1], max_tokens=700)
+    m = run(teacher_dir, [corpus_dir], dataset, hidden_layers=[1, -1], max_tokens=700, cross_document_attention=True)
     assert m["totals"]["windows"] > 0 and (dataset / "manifest.json").read_bytes() == before
 
 

@@ -15,13 +15,15 @@ WINDOWS = 48  # windows in the precomputed dataset (3 shards of 16)
 
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
-    """Top-8 targets and hidden states of teacher layers 1 and 2, 48 windows of 16 tokens in 3 shards."""
+    """Top-8 targets and hidden states of teacher layers 1 and 2, 48 windows of 16 tokens in 3 shards (the stream layout;
+    packed chat data: test_chat_capture.py)."""
     from pipeline.config import PrecomputeConfig
     from pipeline.precompute import precompute
 
     out = tmp_path_factory.mktemp("trainer-ds") / "ds"
     precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(out), seq_len=T, top_k=K,
-                                hidden_layers=[1, 2], batch_size=16, shard_size=16, max_tokens=WINDOWS * T, progress=False))
+                                hidden_layers=[1, 2], batch_size=16, shard_size=16, max_tokens=WINDOWS * T, progress=False,
+                                cross_document_attention=True))  # one stream: exactly WINDOWS windows
     return out
 
 
@@ -83,6 +85,7 @@ def write_fake_dataset(out: Path, shard_sizes: list[int], seq_len: int = 4, voca
         mask = np.ones((n, seq_len), np.uint8)
         mask[:, -1] = 0
         rows = {"window_index": w, "input_ids": ids.astype(tok), "labels": ((ids + 1) % vocab).astype(tok), "loss_mask": mask,
+                "position_ids": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)),
                 "target_logprob": np.full((n, seq_len), -1.0, np.float32)}
         if top_k:
             rows["topk_ids"] = ((ids[..., None] + np.arange(top_k)) % vocab).astype(tok)
