@@ -14,8 +14,8 @@ standard-library files, tiny random Llama teacher/students and a tiny BERT from 
 runs as a real subprocess (`python -m pipeline.common.cli`, the `distill` entry point) with a timeout; a timeout is a
 failure, never a hung benchmark.
 
-    python scripts/bench_reliability.py            # full run (~15 min on a busy 2-core machine)
-    python scripts/bench_reliability.py --quick    # a few cases per section (~1 min)
+    python scripts/bench_reliability.py            # full run (~17 min on a busy 2-core machine)
+    python scripts/bench_reliability.py --quick    # a few cases per section (~1.5 min)
 
 The table goes to .cache/bench/reliability.md (and stdout). Some R4 cases need root (tmpfs / read-only bind mounts);
 without it they fall back to RLIMIT_FSIZE or are reported as skipped.
@@ -463,6 +463,7 @@ def file_kinds(ds: Path) -> dict:
         "zarr.json": [p for p in files if p.name == "zarr.json"],
         "manifest.json": [ds / "manifest.json"],
         "tokenizer file": [p for p in files if p.parent.name == "tokenizer"],
+        "dataset card": [p for p in files if p.relative_to(ds).as_posix() == "README.md"],
     }
     others = set(files) - {p for v in kinds.values() for p in v}
     if others:
@@ -508,8 +509,11 @@ def r3(f: Fixtures, work: Path, per_kind: int, rng: random.Random, only: str = "
         t_ok, t_detail = clean_refusal(t)
         if harmless:  # whitespace or timing only: exit 0 or a clean refusal are both right
             return name + " (no-op edit)", (v.rc == 0 or v_ok) and (t.rc == 0 or t_ok), f"verify {v.describe()}; train {t.describe()}"
-        ok = v_ok and t_ok and not model_written
-        detail = f"verify {v_detail}; train {t_detail}" + ("; train wrote model/" if model_written else "")
+        if kind == "dataset card":  # for people and the hub; train never reads it, so only verify must notice
+            ok = v_ok and (t.rc == 0 or t_ok)
+        else:
+            ok = v_ok and t_ok and not model_written
+        detail = f"verify {v_detail}; train {t_detail}" + ("; train wrote model/" if model_written and not ok else "")
         return name, ok, detail if not ok else f"verify: {v.last_line[:90]} | train: {t.last_line[:90]}"
 
     run_cases(s, [lambda i=i, fl=fl: one(i, *fl) for i, fl in enumerate(flips)], jobs)
@@ -520,8 +524,14 @@ def run_cases(s: Section, cases: list, jobs: int) -> None:
     """Run independent cases (callables returning (name, ok, detail)) on `jobs` threads; results kept in case order."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def guarded(c):
+        try:
+            return c()
+        except Exception as e:  # a broken case is a failure in the table, not a lost run
+            return f"case #{cases.index(c) + 1}", False, f"benchmark error: {type(e).__name__}: {e}"
+
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        for name, ok, detail in pool.map(lambda c: c(), cases):
+        for name, ok, detail in pool.map(guarded, cases):
             s.add(name, ok, detail)
 
 
@@ -780,9 +790,7 @@ def edit_manifest(ds: Path, fn) -> None:
 def rewrite_arrow(path: Path, fn) -> None:
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as src:
-        table = pa.ipc.open_stream(src).read_all()
-    table = fn(table)
+    table = fn(pa.ipc.open_stream(pa.BufferReader(path.read_bytes())).read_all())  # in memory: the file is rewritten
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
 
@@ -943,7 +951,9 @@ def md_escape(text: str) -> str:
 
 def report(sections: list[Section], args, seconds: float) -> str:
     lines = ["# Reliability (R1-R5)", "",
-             (f"`python scripts/bench_reliability.py{' --quick' if args.quick else ''} --seed {args.seed}`, "
+             (f"`python scripts/bench_reliability.py{' --quick' if args.quick else ''} --seed {args.seed}"
+              f"{' --only ' + args.only if getattr(args, 'only', 'R1,R2,R3,R4,R5') != 'R1,R2,R3,R4,R5' else ''}"
+              f"{' --case ' + repr(args.case) if getattr(args, 'case', '') else ''}`, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds / 60:.1f} min, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; {args.code}."), "",
              "| | what | passed |", "| --- | --- | --- |"]
@@ -977,7 +987,7 @@ def snapshot_source(work: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few cases per section (~1 min)")
+    p.add_argument("--quick", action="store_true", help="a few cases per section (~1.5 min)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill points and flipped bytes")
     p.add_argument("--only", default="R1,R2,R3,R4,R5", help="comma-separated sections to run")
     p.add_argument("--case", default="", help="R3-R5: run only the cases (R3: file kinds) whose name holds this text")
