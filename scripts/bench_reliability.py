@@ -456,14 +456,15 @@ def r2(f: Fixtures, work: Path, kills: int, rng: random.Random) -> Section:
 
 def file_kinds(ds: Path) -> dict:
     """kind -> list of files of the dataset."""
-    files = [p for p in sorted(ds.rglob("*")) if p.is_file()]
+    # The dataset card (README.md) is for people and the hub, who may edit it; no stage reads it and verify does not
+    # check it (docs/FORMAT.md), so a flipped byte there is not a failure to detect.
+    files = [p for p in sorted(ds.rglob("*")) if p.is_file() and p.relative_to(ds).as_posix() != "README.md"]
     kinds = {
         "Arrow shard": [p for p in files if p.suffix == ".arrow"],
         "Zarr chunk": [p for p in files if ".zarr" in str(p) and p.name != "zarr.json"],
         "zarr.json": [p for p in files if p.name == "zarr.json"],
         "manifest.json": [ds / "manifest.json"],
         "tokenizer file": [p for p in files if p.parent.name == "tokenizer"],
-        "dataset card": [p for p in files if p.relative_to(ds).as_posix() == "README.md"],
     }
     others = set(files) - {p for v in kinds.values() for p in v}
     if others:
@@ -509,10 +510,7 @@ def r3(f: Fixtures, work: Path, per_kind: int, rng: random.Random, only: str = "
         t_ok, t_detail = clean_refusal(t)
         if harmless:  # whitespace or timing only: exit 0 or a clean refusal are both right
             return name + " (no-op edit)", (v.rc == 0 or v_ok) and (t.rc == 0 or t_ok), f"verify {v.describe()}; train {t.describe()}"
-        if kind == "dataset card":  # for people and the hub; train never reads it, so only verify must notice
-            ok = v_ok and (t.rc == 0 or t_ok)
-        else:
-            ok = v_ok and t_ok and not model_written
+        ok = v_ok and t_ok and not model_written
         detail = f"verify {v_detail}; train {t_detail}" + ("; train wrote model/" if model_written and not ok else "")
         return name, ok, detail if not ok else f"verify: {v.last_line[:90]} | train: {t.last_line[:90]}"
 
