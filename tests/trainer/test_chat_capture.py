@@ -210,3 +210,18 @@ def test_packing_is_refused_on_a_model_that_ignores_position_ids(tmp_path, token
     with pytest.raises(UserError, match="--no-packing"):
         capture(opt, chat_data, tmp_path / "out", chat_template=str(chat_teacher[1]), attn_implementation="eager", seq_len=64)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_no_packing_gives_each_conversation_its_own_window(chat_teacher, chat_data, tmp_path):
+    teacher, template = chat_teacher
+    out = tmp_path / "unpacked"
+    capture(teacher, chat_data, out, chat_template=str(template), packing=False, train_on="all")
+    verify_dataset(out)
+    ds = open_dataset(out)
+    assert ds.manifest.corpus.layout == "unpacked" and ds.windows == len(TOPICS)
+    pos, mask = columns(ds, "position_ids"), columns(ds, "loss_mask").astype(bool)
+    assert all(len(segments(p)) == 1 for p in pos)
+    # --train-on all: every position of a conversation is trained, padding is not
+    lengths = mask.sum(1)
+    assert (mask == (np.arange(T)[None] < lengths[:, None])).all()
+    assert ds.manifest.corpus.packing_stats["padding"] == int((~mask).sum())
