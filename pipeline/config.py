@@ -96,9 +96,9 @@ class PrecomputeConfig:
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     max_tokens: int | None = None
-    """Stop early (None: the whole corpus). With --cross-document-attention (one stream): after N predicted positions,
-    i.e. N + 1 corpus tokens (each position's label is the next token), so --max-tokens 4096 at --seq-len 256 gives 16
-    full windows. Otherwise: whole examples of N tokens in all (at least one example)."""
+    """Stop after N + 1 corpus tokens (None: the whole corpus; the example crossing the limit is cut): at most N
+    predicted positions, since each position's label is the next token; exactly N in one stream
+    (--cross-document-attention), where --max-tokens 4096 at --seq-len 256 gives 16 full windows."""
     rank: int | None = None
     """This process's rank; defaults to $RANK (torchrun) or 0. Shard i belongs to rank i % world_size."""
     world_size: int | None = None
