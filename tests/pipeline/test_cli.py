@@ -63,7 +63,8 @@ def test_empty_corpus(tmp_path, teacher_dir):
 def test_missing_text_column(tmp_path, teacher_dir):
     f = tmp_path / "d.jsonl"
     f.write_text('{"content": "def f(): pass", "id": 1}\n')
-    assert_user_error(invoke(*base(teacher_dir, f, tmp_path / "o")), r"cannot tell the format from the columns \['content', 'id'\].*--text-column names another")
+    assert_user_error(invoke(*base(teacher_dir, f, tmp_path / "o")),
+                      r"cannot tell the format from the columns \['content', 'id'\].*--text-column names another")
 
 
 @pytest.mark.parametrize("k", [0, 321])
