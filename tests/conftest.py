@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import pytest
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The shard cache and staging folders default to $XDG_CACHE_HOME/distill: give each test session its own, so no test
+# reads a cache left by an earlier run (or by the user) and nothing is written into the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="distill-tests-cache-")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["textwrap.py", "colorsys.py", "bisect.py", "keyword.py", "this.py", "shlex.py"]
