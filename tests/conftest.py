@@ -23,6 +23,13 @@ VOCAB = 320
 EOS = "<|endoftext|>"
 
 
+@pytest.fixture(autouse=True)
+def own_cache_folder(tmp_path_factory, monkeypatch):
+    """Each test its own $XDG_CACHE_HOME: two shard caches of one dataset in one process (an earlier test's views still
+    pinned) must not meet; see the known issue in pipeline/format/cache.py."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 def corpus_texts() -> list[str]:
     return [(STDLIB / name).read_text(encoding="utf-8") for name in CORPUS_FILES if (STDLIB / name).exists()]
 

@@ -122,7 +122,11 @@ class ShardCache:
     # --- pins: a shared flock per shard while this process uses it
 
     def acquire(self, i: int, demanded: bool = True) -> bool:
-        """Make shard i local and verified, and pin it. False only for a prefetch that found no room."""
+        """Make shard i local and verified, and pin it. False only for a prefetch that found no room.
+
+        Known issue: flock pins belong to open file descriptions, so two ShardCache objects over one cache folder in
+        one process (the same remote dataset opened twice) can block each other here; open a remote dataset once per
+        process, or give each its own --cache-dir."""
         name = self.ds.manifest.shards[i].name
         with self._mutex:
             if i in self._held:
