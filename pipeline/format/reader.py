@@ -320,7 +320,9 @@ class Dataset:
 def open_dataset(url, storage_options: dict | None = None, cache_dir=None, cache_gb: float | None = None) -> Dataset:
     """Open a dataset folder or fsspec URL (file://, memory://, s3://…) written by `distill precompute`."""
     ds = Dataset(str(url), storage_options)
-    if not ds.is_local:  # shards fetched ahead into a bounded local cache, checked on arrival (format/cache.py)
+    in_memory = "memory" in (ds.fs.protocol if isinstance(ds.fs.protocol, tuple) else (ds.fs.protocol,))
+    if not ds.is_local and not in_memory:  # remote shards: fetched ahead into a bounded local cache (format/cache.py);
+        # an in-process memory:// filesystem gains nothing from a copy on disk
         from .cache import DEFAULT_CACHE_GB, ShardCache
         from .remote import cache_home
 
