@@ -25,8 +25,7 @@ EOS = "<|endoftext|>"
 
 @pytest.fixture(autouse=True)
 def own_cache_folder(tmp_path_factory, monkeypatch):
-    """Each test its own $XDG_CACHE_HOME: two shard caches of one dataset in one process (an earlier test's views still
-    pinned) must not meet; see the known issue in pipeline/format/cache.py."""
+    """Each test its own $XDG_CACHE_HOME: no test reads shards an earlier test left in the cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 

@@ -46,7 +46,10 @@ class ShardCache:
         self.locks = self.root / "locks"
         self._pid = None
         self._owner = os.getpid()  # the process whose filesystem object ds.fs is
+        self._held: dict[int, int] = {}  # shard -> pins this object holds in this process (views and fetched-ahead)
         self._reset()
+        # a cache dropped without close() gives its pins back when it is collected (its prefetch thread then ends)
+        self._finalizer = weakref.finalize(self, _unpin_all, self.locks, [s.name for s in ds.manifest.shards], self._held)
 
     # --- per process state (a forked DataLoader worker starts afresh; a spawned one gets it pickled without it)
 
@@ -54,11 +57,12 @@ class ShardCache:
         self._pid = os.getpid()
         self._mutex = threading.Lock()
         self._wake = threading.Condition(self._mutex)
-        self._held: dict[int, list] = {}  # shard -> [fd of its lock file, users in this process]
+        self._held.clear()  # pins of the parent process are not this one's
         self._plan: list[int] = []
         self._cursor = 0
         self._ahead_pins: set[int] = set()
         self._thread = None
+        self._closed = False
         self._error: BaseException | None = None
         self._fs = None
 
@@ -81,7 +85,19 @@ class ShardCache:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._owner = -1  # unpickled in another process: never the dataset's filesystem object
+        self._held = {}
         self._reset()
+        self._finalizer = weakref.finalize(self, _unpin_all, self.locks, [s.name for s in self.ds.manifest.shards], self._held)
+
+    def close(self) -> None:
+        """Stop fetching ahead and give back every pin this object holds (views still open keep reading their files)."""
+        with self._wake:
+            self._plan, self._cursor, self._closed = [], 0, True
+            self._wake.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._pid == os.getpid():
+            self._finalizer()
 
     # --- what the reader calls
 
@@ -122,56 +138,21 @@ class ShardCache:
     # --- pins: a shared flock per shard while this process uses it
 
     def acquire(self, i: int, demanded: bool = True) -> bool:
-        """Make shard i local and verified, and pin it. False only for a prefetch that found no room.
-
-        Known issue: flock pins belong to open file descriptions, so two ShardCache objects over one cache folder in
-        one process (the same remote dataset opened twice) can block each other here; open a remote dataset once per
-        process, or give each its own --cache-dir."""
-        name = self.ds.manifest.shards[i].name
-        with self._mutex:
-            if i in self._held:
-                self._held[i][1] += 1
-                return True
-        self.locks.mkdir(parents=True, exist_ok=True)
-        ready = self.locks / f"{name}.ready"
-        fd = os.open(self.locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            while True:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                if ready.exists():  # under the shared lock: complete, and no eviction can run now
-                    break
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    fetched = ready.exists() or self._download(i, demanded)
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                if not fetched:
-                    os.close(fd)
-                    return False
-        except BaseException:
-            os.close(fd)
-            raise
-        os.utime(ready)  # least recently used goes first
-        with self._mutex:
-            if i in self._held:  # another thread of this process pinned it meanwhile
-                self._held[i][1] += 1
-                os.close(fd)
-            else:
-                self._held[i] = [fd, 1]
-        return True
+        """Make shard i local and verified, and pin it. False only for a prefetch that found no room."""
+        pinned = _pin(self.locks, self.ds.manifest.shards[i].name, lambda: self._download(i, demanded))
+        if pinned:
+            with self._mutex:
+                self._held[i] = self._held.get(i, 0) + 1
+        return pinned
 
     def release(self, i: int) -> None:
         if self._pid != os.getpid():
             return
         with self._mutex:
-            entry = self._held.get(i)
-            if entry is None:
+            if not self._held.get(i):
                 return
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._held[i]
-                os.close(entry[0])  # drops the shared flock: the shard may be evicted now
+            self._held[i] -= 1
+        _unpin(self.locks, self.ds.manifest.shards[i].name)
 
     # --- fetching
 
@@ -247,35 +228,130 @@ class ShardCache:
         return total + need <= self.max_bytes
 
     def _start(self):
-        if self.ahead > 0 and (self._thread is None or not self._thread.is_alive()):
-            self._thread = threading.Thread(target=self._prefetch, name="shard-prefetch", daemon=True)
+        if self.ahead > 0 and not self._closed and (self._thread is None or not self._thread.is_alive()):
+            # the thread holds the cache weakly: dropping the cache ends the thread
+            self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self),), name="shard-prefetch", daemon=True)
             self._thread.start()
 
-    def _prefetch(self):
-        """Keep the next `ahead` distinct shards of the plan local and pinned; unpin those the reader went past."""
-        while True:
-            with self._wake:
-                upcoming = list(dict.fromkeys(self._plan[self._cursor:]))[: self.ahead]
-                todo = [i for i in upcoming if i not in self._ahead_pins]
-                stale = [i for i in self._ahead_pins if i not in upcoming]
-                self._ahead_pins -= set(stale)
-                if not todo and not stale:
-                    self._wake.wait(timeout=1.0)
-                    continue
-            for i in stale:
-                self.release(i)
-            for i in todo:
-                try:
-                    pinned = self.acquire(i, demanded=False)
-                except UserError as e:  # a damaged or missing file: handed to the reader, which raises it at its next open
-                    self._error = e
-                    return
-                except Exception:  # noqa: BLE001 (e.g. a dropped connection: the reader's own fetch retries and reports it)
-                    pinned = False
-                if not pinned:  # no room until the reader releases something
-                    with self._wake:
-                        self._wake.wait(timeout=0.5)
+    def _next_step(self) -> tuple[list[int], list[int]]:
+        """(shards to fetch ahead now, fetched-ahead shards the reader went past); under self._wake."""
+        upcoming = list(dict.fromkeys(self._plan[self._cursor:]))[: self.ahead]
+        todo = [i for i in upcoming if i not in self._ahead_pins]
+        stale = [i for i in self._ahead_pins if i not in upcoming]
+        self._ahead_pins -= set(stale)
+        return todo, stale
+
+
+def _prefetch(ref) -> None:
+    """The prefetch thread: keep the next `ahead` distinct shards of the plan local and pinned; unpin those the reader
+    went past. Holds the cache only while working, so a cache nobody uses any more is collected and the thread ends."""
+    while True:
+        cache = ref()
+        if cache is None or cache._closed:
+            return
+        wake = cache._wake
+        with wake:
+            todo, stale = cache._next_step()
+        if not todo and not stale:
+            del cache  # not kept alive while waiting
+            with wake:
+                wake.wait(timeout=1.0)
+            continue
+        for i in stale:
+            cache.release(i)
+        for i in todo:
+            try:
+                pinned = cache.acquire(i, demanded=False)
+            except UserError as e:  # a damaged or missing file: handed to the reader, which raises it at its next open
+                cache._error = e
+                return
+            except Exception:  # noqa: BLE001 (e.g. a dropped connection: the reader's own fetch retries and reports it)
+                pinned = False
+            if not pinned:  # no room until the reader releases something
+                del cache
+                with wake:
+                    wake.wait(timeout=0.5)
+                break
+            with cache._mutex:
+                cache._ahead_pins.add(i)
+        else:
+            del cache
+
+
+# --- the pins of this process, shared by every ShardCache in it: one file description per shard lock file, so two
+# caches of one dataset (or a cache and its own prefetch thread) never wait on each other's flock
+
+_PINS_MUTEX = threading.Lock()
+_PINS: dict[str, list] = {}  # lock file -> [fd holding a shared flock, users in this process]
+_GATES: dict[str, threading.Lock] = {}  # lock file -> one thread of this process at a time takes its flock
+
+
+def _forget_pins_after_fork() -> None:
+    """A forked child (a DataLoader worker) starts without pins: the parent's stay the parent's."""
+    global _PINS_MUTEX
+    _PINS_MUTEX = threading.Lock()
+    _PINS.clear()
+    _GATES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pins_after_fork)
+
+
+def _pin(locks: Path, name: str, fetch) -> bool:
+    """Pin shard `name` of the cache folder whose lock files are in `locks`, after `fetch()` made it local if it was
+    not (fetch returns False when there is no room). False only when fetch did."""
+    key = str(locks / f"{name}.lock")
+    with _PINS_MUTEX:
+        if key in _PINS:
+            _PINS[key][1] += 1
+            return True
+        gate = _GATES.setdefault(key, threading.Lock())
+    with gate:
+        with _PINS_MUTEX:
+            if key in _PINS:  # another thread of this process pinned it while this one waited
+                _PINS[key][1] += 1
+                return True
+        locks.mkdir(parents=True, exist_ok=True)
+        ready = locks / f"{name}.ready"
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if ready.exists():  # under the shared lock: complete, and no eviction can run now
                     break
-                with self._mutex:
-                    self._ahead_pins.add(i)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # other processes: one of them downloads
+                try:
+                    fetched = ready.exists() or fetch()
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                if not fetched:
+                    os.close(fd)
+                    return False
+        except BaseException:
+            os.close(fd)
+            raise
+        os.utime(ready)  # least recently used goes first
+        with _PINS_MUTEX:
+            _PINS[key] = [fd, 1]
+    return True
+
+
+def _unpin(locks: Path, name: str) -> None:
+    key = str(locks / f"{name}.lock")
+    with _PINS_MUTEX:
+        entry = _PINS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _PINS[key]
+            os.close(entry[0])  # drops the shared flock: the shard may be evicted now
+
+
+def _unpin_all(locks: Path, names: list[str], held: dict[int, int]) -> None:
+    for i, n in list(held.items()):
+        for _ in range(n):
+            _unpin(locks, names[i])
+    held.clear()
 

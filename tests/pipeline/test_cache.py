@@ -1,0 +1,97 @@
+"""The shard cache (pipeline/format/cache.py) on its own: pins shared within a process, no waiting between two caches of
+one dataset or between a reader and its own prefetch thread, pins given back when a cache is closed or dropped. The
+remote side is a local dataset folder read through the same fsspec calls (S3 end to end: tests/test_object_storage.py)."""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import threading
+import time
+
+from pipeline.format import open_dataset
+from pipeline.format.cache import ShardCache
+from tests.trainer.conftest import dataset_dir  # noqa: F401  (a fixture: 3 shards with hidden states)
+
+
+def cache_of(dataset_dir, folder, ahead=2):  # noqa: F811
+    ds = open_dataset(dataset_dir)
+    return ds, ShardCache(ds, folder, 10**9, ahead=ahead)
+
+
+def pinned_anywhere(lock) -> bool:
+    """True while some open file description holds a flock on `lock` (what eviction tests with LOCK_NB)."""
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def run_with_deadline(fn, seconds=60):
+    """fn() in a thread; fails the test instead of hanging the suite when it blocks."""
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("value", fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} still blocked after {seconds} s"
+    return out["value"]
+
+
+def test_reader_and_its_prefetch_thread_never_wait_on_each_other(dataset_dir, tmp_path):  # noqa: F811
+    """The race that hung the suite: the prefetch thread fetches shard 0 while the reader asks for it."""
+    for attempt in range(5):
+        ds, cache = cache_of(dataset_dir, tmp_path / f"c{attempt}")
+        cache.plan([0, 1, 2])  # prefetch starts on shard 0 now ...
+        shards = run_with_deadline(lambda: [cache.open(i) for i in range(3)])  # ... and the reader asks at once
+        local = open_dataset(dataset_dir)
+        for i, shard in enumerate(shards):
+            assert (shard.column("topk_ids") == local.open_shard(i).column("topk_ids")).all()
+        cache.close()
+
+
+def test_two_caches_of_one_dataset_in_one_process(dataset_dir, tmp_path):  # noqa: F811
+    """A dataset opened twice over one cache folder (verify, then train, in one process): both read, neither waits."""
+    _, a = cache_of(dataset_dir, tmp_path / "c")
+    _, b = cache_of(dataset_dir, tmp_path / "c")
+    a.plan([0, 1, 2])
+    b.plan([2, 1, 0])
+    views = run_with_deadline(lambda: [a.open(0), b.open(0), b.open(2), a.open(2), a.open(1), b.open(1)])
+    assert [v.record.name for v in views] == ["00000", "00000", "00002", "00002", "00001", "00001"]
+    locks = a.locks
+    a.close()
+    assert all(pinned_anywhere(locks / f"0000{i}.lock") for i in range(3))  # b's views still pin them
+    del views
+    gc.collect()
+    b.close()
+    assert not any(pinned_anywhere(locks / f"0000{i}.lock") for i in range(3))
+
+
+def test_a_dropped_cache_gives_back_its_pins_and_its_thread_ends(dataset_dir, tmp_path):  # noqa: F811
+    """No close(): once nothing refers to the cache, its fetched-ahead pins go and its prefetch thread stops, so the
+    shards can be evicted and no thread is left behind."""
+    ds, cache = cache_of(dataset_dir, tmp_path / "c")
+    cache.plan([0, 1, 2])
+    view = cache.open(0)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(list((tmp_path / "c").rglob("*.ready"))) < 3:
+        time.sleep(0.05)
+    thread, locks = cache._thread, cache.locks
+    assert thread.is_alive() and pinned_anywhere(locks / "00001.lock") and pinned_anywhere(locks / "00002.lock")
+    del view, cache, ds
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert not any(pinned_anywhere(locks / f"0000{i}.lock") for i in range(3))
+
+
+def test_close_keeps_open_views_readable(dataset_dir, tmp_path):  # noqa: F811
+    ds, cache = cache_of(dataset_dir, tmp_path / "c")
+    view = cache.open(1)
+    cache.close()
+    assert not pinned_anywhere(cache.locks / "00001.lock")
+    assert view.column("input_ids").shape[0] == view.record.windows  # memory-mapped: the files are still there
