@@ -16,10 +16,10 @@ from typing import Iterator
 import numpy as np
 
 from .common.errors import UserError, describe
+from .common.identity import file_fingerprint
 
 # Extensions read as datasets (rows of a text column); any other file in a folder is one document.
 DATA_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-FINGERPRINT_BYTES = 1 << 16
 
 
 @dataclass
@@ -57,13 +57,8 @@ def corpus_fingerprint(files: list[Path]) -> str:
     """
     h = hashlib.sha256()
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{os.path.realpath(f)}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(FINGERPRINT_BYTES))
-            if size > FINGERPRINT_BYTES:
-                fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-                h.update(fh.read())
+        h.update(f"{os.path.realpath(f)}\0".encode())
+        file_fingerprint(f, h)  # size, first and last 64 KiB
     return h.hexdigest()
 
 

@@ -181,21 +181,23 @@ def run(args) -> list[dict]:
     data = datasets(args, {table[v][0] for v in args.variants})
     heldout = capture(args, "heldout", "top64", args.heldout_tokens, top_k=64)
     rows = [{"section": "capture", "dataset": "top64", "seconds": capture_seconds(data["top64"]), "tokens": args.tokens}]
-    # --- the equal-wall-clock row's steps: as many online steps as the cached top-64 student's training time allows,
-    # from the first seed's median step times (not whole-run wall times: robust to other work on a shared machine)
+    # --- students: every seed of the cached rows first, then the online rows (3x the cost each), so a run cut short
+    # still has whole rows. The equal-wall-clock row gets as many online steps as the cached top-64 student's training
+    # time allows, from the first seed's median step times (not whole-run wall times: robust to other load).
+    online_rows = [v for v in args.variants if table[v][1].get("online_teacher")]
+    order = [(v, seed) for v in args.variants if v not in online_rows for seed in args.seeds]
+    order += [(v, seed) for seed in args.seeds for v in online_rows]
     equal_steps = args.equal_steps
-    if EQUAL_WALL in args.variants and equal_steps is None:
-        first = args.seeds[0]
-        ref = train_one(args, "top-64 renormalize", first, data["top64"], dict(table["top-64 renormalize"][1]), heldout)
-        online = train_one(args, "online full-vocab KD", first, data["top64"], dict(table["online full-vocab KD"][1]),
-                           heldout)
-        equal_steps = max(1, round(args.steps * ref["step_seconds"] / online["step_seconds"]))
-    # --- students, seed by seed
-    for seed in args.seeds:
-        for name in args.variants:
-            key, flags = table[name]
-            steps = equal_steps if name == EQUAL_WALL else None
-            rows.append({"section": "quality"} | train_one(args, name, seed, data[key], dict(flags), heldout, steps))
+    for name, seed in order:
+        key, flags = table[name]
+        if name == EQUAL_WALL and equal_steps is None:
+            first = args.seeds[0]
+            ref = train_one(args, "top-64 renormalize", first, data["top64"], dict(table["top-64 renormalize"][1]), heldout)
+            online = train_one(args, "online full-vocab KD", first, data["top64"], dict(table["online full-vocab KD"][1]),
+                               heldout)
+            equal_steps = max(1, round(args.steps * ref["step_seconds"] / online["step_seconds"]))
+        steps = equal_steps if name == EQUAL_WALL else None
+        rows.append({"section": "quality"} | train_one(args, name, seed, data[key], dict(flags), heldout, steps))
     # --- P5: reader alone vs the student's training speed on the same data
     for kind, variant in (("topk", "top-64 renormalize"), ("sampled", "sampled N=8")):
         speeds = [r["train_tokens_per_s"] for r in rows if r.get("variant") == variant]
