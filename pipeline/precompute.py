@@ -48,9 +48,17 @@ def precompute(cfg: PrecomputeConfig) -> dict:
 
     The output folder is locked for the whole run (shared by the ranks of one capture, exclusive otherwise)."""
     cfg.resolve()
-    if cfg.tp > 1:  # load option and group arithmetic exist (pipeline/head.py tp_groups); the capture loop is not split yet
-        raise UserError(f"--tp {cfg.tp}: tensor-parallel capture is not wired into the capture loop yet; use --device-map auto "
-                        "(one process per node, the teacher spread over its GPUs) with --rank/--world-size across nodes")
+    group = None
+    if cfg.tp > 1:  # N processes hold one teacher (pipeline/tensor_parallel.py)
+        from .tensor_parallel import TPGroup
+
+        group = TPGroup(cfg.rank, cfg.world_size, cfg.tp)
+        cfg = replace(cfg, rank=group.index, world_size=group.count)  # the group captures as one rank did
+        if not group.writer:  # computes in step with its writer, never touches --out
+            try:
+                return _precompute(cfg, None, [], None, group)
+            finally:
+                group.leave()
     remote = None
     if is_url(cfg.out):  # a bucket: this rank captures into a local staging folder and uploads (format/remote.py)
         remote = RemoteOutput(cfg.out, parse_storage_options(cfg.storage_options), cfg.stage_dir, cfg.rank, cfg.world_size)
@@ -60,7 +68,10 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     hint = "" if cfg.world_size > 1 else "; processes of one capture each pass --rank and --world-size"
     held = [lock_folder(out, shared=cfg.world_size > 1, hint=hint)]
     try:
-        return _precompute(cfg, out, held, remote)
+        result = _precompute(cfg, out, held, remote, group)
+        if group is not None:
+            group.finish()  # its followers stop computing
+        return result
     except UserError as e:
         if remote is None:
             raise
@@ -75,7 +86,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
             remote.close()
 
 
-def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) -> dict:
+def _precompute(cfg: PrecomputeConfig, out: Path | None, held: list[int], remote=None, group=None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -98,11 +109,21 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     load_chat_template(tokenizer, cfg.chat_template)  # before the tokenizer's record: the dataset keeps the template
+    if group is not None:
+        group.join(device)  # the process group its teacher is split over
     model = load_teacher(cfg.teacher, cfg.revision, dtype, device, cfg.trust_remote_code, **cfg.load_options())
     device = input_device(model, device)  # placed by --device-map: inputs go where the embeddings are
+    if group is not None and group.writer:
+        print(group.describe(model), file=sys.stderr)
     head = split_head(model, cfg.head_chunk)  # None: the whole-batch head
     teacher_section = teacher_record(cfg.teacher, cfg.revision, model, dtype)  # the manifest's record; `model` runs
     layers = check_model_settings(cfg, model.config, teacher_section)
+    stream = cfg.cross_document_attention
+    # a probe of three forwards, here so that every rank of a --tp group runs it in step, before any writing
+    if not stream and cfg.packing and not packing_masks_supported(model):
+        raise UserError(f"--teacher {cfg.teacher}: this model attends across packed examples even with restarting "
+                        "position ids (its attention ignores them), so --packing would let examples see each other; "
+                        "pass --no-packing (one example per window) or --cross-document-attention (pretraining-style text)")
     tokenizer_section = tokenizer_record(tokenizer)
 
     # --- output folder: settings, resume, refusal ------------------------------------------------------------------
@@ -129,6 +150,15 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     recorded = capture.to_json()
     settings |= {k: recorded[k] for k in SETTINGS_FROM_CAPTURE if k in recorded}
     tok_dtype = capture.token_dtype
+    step = lambda b, w, head: teacher_step(model, head, w, b, capture, device, stream, layers)
+    if group is not None and not group.writer:  # a --tp follower: the writer's batches, the same forwards, no output
+        with torch.inference_mode():
+            while (message := group.receive()) is not None:
+                if isinstance(message, dict):  # the writer's capture, final once its data is read
+                    capture = Capture.from_json(message)
+                else:
+                    head = step(*message, head)[0]
+        return {"rank": group.rank, "writer": False}
     exclusive, lock = cfg.world_size == 1, held[0]
     if remote:
         remote.pull(out)  # the bucket's manifest, settings and shard markers, as if they were local
@@ -147,7 +177,6 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     save_tokenizer(tokenizer, out)
 
     # --- examples: one pass over the data into flat files (shared by resume and every rank); windows planned from them --
-    stream = cfg.cross_document_attention
     if not (progress_dir / "examples.json").exists():
         bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not cfg.progress, total=cfg.max_tokens)
         src = SourceStats()
@@ -174,10 +203,6 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
         n_windows = count_windows(len(tokens), cfg.seq_len)
         build = lambda b, nb: stream_windows(tokens, trained, b, nb, cfg.seq_len, pad_id)
     else:
-        if cfg.packing and not packing_masks_supported(model):
-            raise UserError(f"--teacher {cfg.teacher}: this model attends across packed examples even with restarting "
-                            "position ids (its attention ignores them), so --packing would let examples see each other; "
-                            "pass --no-packing (one example per window) or --cross-document-attention (pretraining-style text)")
         plan = plan_windows(np.diff(offsets), cfg.seq_len, cfg.packing, cfg.long_examples, pstats)
         n_windows = plan.windows
         build = lambda b, nb: make_windows(tokens, trained, offsets, plan, b, nb, pad_id)
@@ -185,6 +210,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
 
     # --- capture: teacher forward on the device, targets, background writer -----------------------------------------
+    if group is not None:
+        group.send_settings(capture.to_json())  # its followers compute the targets as this rank does
     writer = BackgroundWriter(out, capture, cfg.seq_len, on_shard=remote.push_shard if remote else None)
     shard_windows = lambda s: min(cfg.shard_size, n_windows - s * cfg.shard_size)
     bar = tqdm(desc=f"capture rank {cfg.rank}" if cfg.world_size > 1 else "capture", unit="tok", unit_scale=True,
@@ -198,18 +225,10 @@ def _precompute(cfg: PrecomputeConfig, out: Path, held: list[int], remote=None) 
                 for b in range(first, first + count, cfg.batch_size):
                     nb = min(cfg.batch_size, first + count - b)
                     w = build(b, nb)  # input_ids, labels, loss_mask, position_ids: (B, T) each
+                    if group is not None:
+                        group.send(b, w)  # its followers run the same forward with it
                     input_ids, labels, loss_mask = w["input_ids"], w["labels"], w["loss_mask"]
-                    ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
-                    # no attention mask: from restarting position ids transformers builds a block-diagonal causal mask
-                    pos = None if stream else torch.from_numpy(w["position_ids"].astype(np.int64)).to(device)
-                    if head is not None and not head.verified:  # first batch: the split head must give the model's logits
-                        head = head if head.check(ids) else None
-                    if head is not None:  # body to final hidden states; head and targets a chunk of tokens at a time
-                        result = head.body_forward(ids, bool(layers), position_ids=pos)
-                        rows, fidelity = batch_targets(None, labels, loss_mask, b, capture, device, head=head, final_hidden=result.last_hidden_state)
-                    else:
-                        result = model(input_ids=ids, position_ids=pos, output_hidden_states=bool(layers), use_cache=False)
-                        rows, fidelity = batch_targets(result.logits, labels, loss_mask, b, capture, device)
+                    head, result, rows, fidelity = step(b, w, head)
                     rows |= {"window_index": np.arange(b, b + nb), "input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
                              "position_ids": w["position_ids"]}
                     hidden = {layer: result.hidden_states[layer].half().reshape(nb * cfg.seq_len, -1).cpu().numpy() for layer in layers}
@@ -342,6 +361,28 @@ def batch_targets(logits, labels: np.ndarray, loss_mask: np.ndarray, first_windo
         fidelity |= {"sample_unique": (float(s["sample_n"][mask].sum()), n_valid), "sample_mass": (float(s["sample_mass"][mask].sum()), n_valid),
                   "sample_rkl": (float(s["sample_rkl"][mask].sum()), n_valid)}
     return rows, fidelity
+
+
+def teacher_step(model, head, w: dict, first_window: int, capture: Capture, device, stream: bool, layers: list[int]):
+    """One batch `w` (input_ids, labels, loss_mask, position_ids: (B, T) each) through the teacher and the targets.
+    Returns (head, model output, rows, fidelity); head is None from the batch where the split head failed its check.
+    Every rank of a --tp group runs it on the same batch: each forward is a collective of the group."""
+    import torch
+
+    labels, loss_mask = w["labels"], w["loss_mask"]
+    ids = torch.from_numpy(np.asarray(w["input_ids"]).astype(np.int64)).to(device)
+    # no attention mask: from restarting position ids transformers builds a block-diagonal causal mask
+    pos = None if stream else torch.from_numpy(np.asarray(w["position_ids"]).astype(np.int64)).to(device)
+    if head is not None and not head.verified:  # first batch: the split head must give the model's logits
+        head = head if head.check(ids) else None
+    if head is not None:  # body to final hidden states; head and targets a chunk of tokens at a time
+        result = head.body_forward(ids, bool(layers), position_ids=pos)
+        rows, fidelity = batch_targets(None, labels, loss_mask, first_window, capture, device, head=head,
+                                       final_hidden=result.last_hidden_state)
+    else:
+        result = model(input_ids=ids, position_ids=pos, output_hidden_states=bool(layers), use_cache=False)
+        rows, fidelity = batch_targets(result.logits, labels, loss_mask, first_window, capture, device)
+    return head, result, rows, fidelity
 
 
 def input_device(model, device):

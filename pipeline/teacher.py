@@ -55,8 +55,8 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
 
             offload = tempfile.TemporaryDirectory(prefix="distill-offload-")
             extra |= {"device_map": device_map, "offload_folder": offload.name} | ({"max_memory": max_memory} if max_memory else {})
-        if tp_plan:
-            extra |= {"tp_plan": tp_plan, "tp_size": tp_size}
+        if tp_plan:  # over the default process group: pipeline/tensor_parallel.py makes it this replica's tp_size ranks
+            extra |= tp_load_options(tp_plan, tp_size)
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
@@ -74,6 +74,16 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
         model._distill_offload = offload  # removed with the model
     require_causal_model(model, f"--teacher {name}")  # float32 teachers: also checked by behaviour
     return model
+
+
+def tp_load_options(tp_plan: str, tp_size: int) -> dict:
+    """from_pretrained's tensor-parallel arguments: a DistributedConfig where transformers has one (the bare
+    tp_plan/tp_size arguments are deprecated there), else the bare arguments of earlier 5.x releases."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": tp_plan, "tp_size": tp_size}
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan, tp_size=tp_size)}
 
 
 def teacher_record(name: str, revision: str | None, model, dtype: torch.dtype) -> Teacher:
