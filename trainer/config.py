@@ -87,6 +87,11 @@ class TrainConfig:
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK."""
     seed: int = 0
     """Seed of the student init, the data order and every random number generator."""
+    shuffle_shards: int = 16
+    """Shards whose windows are shuffled together: each epoch takes the shards in a seeded order in blocks of this many
+    and shuffles the windows across each block (1 = within one shard only). A shard holds a few consecutive documents of
+    the corpus, so larger blocks give more varied batches; each block's shards are open (memory-mapped, or in the cache
+    of a remote dataset) while it is read."""
     save_every: int = 1000
     """Write a checkpoint every this many steps (and always at the end)."""
     keep_last: int = 3
@@ -183,6 +188,8 @@ class TrainConfig:
         elif REPORT_TO[self.report_to] and importlib.util.find_spec(REPORT_TO[self.report_to]) is None:
             problems.append(f"--report-to {self.report_to} needs the {REPORT_TO[self.report_to]} package, which is not "
                             f"installed; pip install {REPORT_TO[self.report_to]}, or drop --report-to")
+        if self.shuffle_shards < 1:
+            problems.append(f"--shuffle-shards is {self.shuffle_shards}; expected 1 or more (1 = shuffle within each shard only)")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads is {self.threads}; expected a positive integer")
         if self.log_seconds < 0:

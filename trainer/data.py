@@ -3,9 +3,12 @@
 Called by `trainer.train` (training and --eval-data) and `trainer.evaluate` (`distill eval`), on top of the reader API in
 `pipeline.format`.
 
-The sample order of an epoch is a pure function of (seed, epoch): shards in a seeded order, the windows of each shard in
-a seeded order of their own (a full within-shard shuffle: rows of a memory-mapped shard cost the same in any order).
-Rank r of W takes the r-th contiguous 1/W of that sequence, so each rank reads mostly its own shards and shards fewer
+The sample order of an epoch is a pure function of (seed, epoch): shards in a seeded order, cut into blocks of
+`--shuffle-shards` consecutive shards, the windows of each block in a seeded order of their own (a full shuffle across
+the block: rows of memory-mapped shards cost the same in any order). A capture writes documents in corpus order, so a
+shard holds windows of a few documents; blocks keep a batch, and above all the last batches of a run, from drawing on a
+handful of files (BENCHMARKS.md: at one shard per block, the seed-to-seed spread of held-out CE was 5% of it).
+Rank r of W takes the r-th contiguous 1/W of that sequence, so each rank reads mostly its own blocks and shards fewer
 than ranks still split at window granularity. Every rank gets floor(N / W) windows so DDP ranks take the same number
 of steps; the last N mod W windows of each epoch's order (< W, different ones each epoch) are skipped. A rank's windows are cut into batches in
 order (the last one may be short); DataLoader workers take those batches round-robin, which is the order the DataLoader
@@ -31,23 +34,32 @@ IGNORE_INDEX = -100
 OPEN_SHARDS = 2  # shards kept open per process; remote shards live in memory, so keep few
 
 
-def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle: bool = True, part: slice | None = None) -> np.ndarray:
+def epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle: bool = True, part: slice | None = None,
+                block_shards: int = 1) -> np.ndarray:
     """The windows of an epoch in order, as (N, 2) rows of (shard, row); only positions `part` of it when given.
 
-    Each shard's row order comes from its own generator (seed, epoch, shard), so a rank builds just the shards its part
-    touches: memory O(N / world size), not O(N).
+    Shards in a seeded order, cut into blocks of about `block_shards` consecutive shards (near-equal blocks); the windows
+    of a block in a seeded order of their own, a full shuffle across the block's shards. Each block's order comes from
+    its own generator (seed, epoch, its shards), so a rank builds just the blocks its part touches: memory
+    O(N / world size + block), not O(N). With block_shards 1 a block is one shard (a within-shard shuffle only).
     """
-    shards = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes)) if shuffle else np.arange(len(shard_sizes))
-    starts = np.concatenate([[0], np.cumsum(np.asarray(shard_sizes, dtype=np.int64)[shards])])
+    n = len(shard_sizes)
+    shards = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    blocks = -(-n // max(1, block_shards)) if shuffle else n
+    bounds = np.linspace(0, n, blocks + 1).round().astype(np.int64)  # block j: shards[bounds[j]:bounds[j + 1]]
+    starts = np.concatenate([[0], np.cumsum(sizes[shards])])[bounds]
     lo, hi = (part.start, part.stop) if part is not None else (0, int(starts[-1]))
     pieces = [np.zeros((0, 2), np.int64)]
-    for j, s in enumerate(shards.tolist()):
+    for j in range(blocks):
         a, b = max(lo, int(starts[j])), min(hi, int(starts[j + 1]))
         if a >= b:
             continue
-        rows = np.random.default_rng([seed, epoch, s]).permutation(shard_sizes[s]) if shuffle else np.arange(shard_sizes[s])
-        rows = rows[a - starts[j] : b - starts[j]]
-        pieces.append(np.stack([np.full(len(rows), s), rows], axis=1).astype(np.int64))
+        members = shards[bounds[j]:bounds[j + 1]].tolist()
+        ids = np.concatenate([np.stack([np.full(sizes[s], s), np.arange(sizes[s])], axis=1) for s in members]).astype(np.int64)
+        if shuffle:  # one shard: the generator (seed, epoch, shard), as before blocks existed
+            ids = ids[np.random.default_rng([seed, epoch, *members]).permutation(len(ids))]
+        pieces.append(ids[a - starts[j] : b - starts[j]])
     return np.concatenate(pieces)
 
 
@@ -106,10 +118,13 @@ class WindowReader(torch.utils.data.IterableDataset):
         hidden_layers: tuple[int, ...] = (),
         verify: bool = True,
         log_norm_temperature: float | None = None,
+        block_shards: int = 1,
     ):
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle, self.epochs, self.targets, self.verify = shuffle, epochs, targets, verify
+        self.block_shards = max(1, int(block_shards))  # shards whose windows are shuffled together (epoch_order)
+        self.max_open = max(OPEN_SHARDS, self.block_shards)  # a block's shards stay open while it is read
         self.hidden_layers = tuple(hidden_layers)
         self.log_norm_temperature = log_norm_temperature  # top-k: also read the stored log-normalizer at this T
         self.sizes = [s.windows for s in self.ds.shards]
@@ -130,17 +145,18 @@ class WindowReader(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "world_size": self.world_size,
-            "batch_size": self.batch_size, "manifest_sha256": self.ds.manifest_sha256,
+            "batch_size": self.batch_size, "manifest_sha256": self.ds.manifest_sha256, "block_shards": self.block_shards,
         }
 
     def load_state_dict(self, state: dict) -> None:
         for key, now in (("seed", self.seed), ("world_size", self.world_size), ("batch_size", self.batch_size),
-                         ("manifest_sha256", self.ds.manifest_sha256)):
-            if state[key] != now:
-                what = "processes" if key == "world_size" else key.replace("_", " ")
+                         ("manifest_sha256", self.ds.manifest_sha256), ("block_shards", self.block_shards)):
+            was = state.get(key, 1 if key == "block_shards" else None)  # checkpoints from before --shuffle-shards: 1
+            if was != now:
+                what = {"world_size": "processes", "block_shards": "--shuffle-shards"}.get(key, key.replace("_", " "))
                 raise UserError(
-                    f"checkpoint was written with {what} {state[key]!r} but this run has {now!r}; resume with the same "
-                    "dataset, seed, batch size and number of processes, or start a new --out"
+                    f"checkpoint was written with {what} {was!r} but this run has {now!r}; resume with the same "
+                    "dataset, seed, batch size, --shuffle-shards and number of processes, or start a new --out"
                 )
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
@@ -155,7 +171,7 @@ class WindowReader(torch.utils.data.IterableDataset):
     def rank_order(self, epoch: int) -> np.ndarray:
         """(windows_per_rank, 2) (shard, row) pairs this rank reads in `epoch`, in order."""
         part = rank_slice(sum(self.sizes), self.rank, self.world_size, drop_remainder=self.shuffle)
-        return epoch_order(self.sizes, self.seed, epoch, self.shuffle, part)
+        return epoch_order(self.sizes, self.seed, epoch, self.shuffle, part, self.block_shards)
 
     def positions(self):
         """(epoch, batch_in_epoch, (B, 2) rows) from the current position to the end of the stream."""
@@ -169,7 +185,7 @@ class WindowReader(torch.utils.data.IterableDataset):
 
     def plan_prefetch(self, epoch: int, rest: np.ndarray) -> None:
         """A URL dataset: tell its local cache which shards come next (the rest of this epoch, then the next epoch), so
-        they are fetched ahead of use (pipeline/format/cache.py). Shards come in contiguous runs, so this is short."""
+        they are fetched ahead of use (pipeline/format/cache.py). Consecutive repeats are dropped."""
         if getattr(self.ds, "cache", None) is None:
             return
         seq = np.concatenate([rest[:, 0], self.rank_order(epoch + 1)[:, 0]]) if self.epochs is None or epoch + 1 < self.epochs else rest[:, 0]
@@ -202,7 +218,7 @@ class WindowReader(torch.utils.data.IterableDataset):
             check_values(shard, kinds=[] if self.targets == "none" else [self.targets])
             self._verified.add(i)
         self._open[i] = {"shard": shard, "hidden": {layer: shard.hidden(layer) for layer in self.hidden_layers}}
-        while len(self._open) > OPEN_SHARDS:
+        while len(self._open) > self.max_open:
             self._open.popitem(last=False)
         return self._open[i]
 

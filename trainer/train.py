@@ -99,7 +99,8 @@ def train(cfg: TrainConfig) -> dict:
         run_step = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(step_fn, cfg, device)
     reader = WindowReader(ds, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, targets=targets,
-                          hidden_layers=tuple(sorted(set(layer_map.values()))), log_norm_temperature=log_norm_t)
+                          hidden_layers=tuple(sorted(set(layer_map.values()))), log_norm_temperature=log_norm_t,
+                          block_shards=cfg.shuffle_shards)
     total_steps = cfg.steps or max(1, cfg.epochs * reader.batches_per_epoch // cfg.grad_accum)
     lr_factor = lr_schedule(cfg.schedule, cfg.warmup, total_steps, cfg.decay_steps)
     note = warmup_note(cfg.warmup, total_steps) if rank == 0 and not cfg.quiet else None  # said after step 1 (a
