@@ -64,6 +64,9 @@ def load_teacher(name: str, revision: str | None, dtype: torch.dtype, device: to
                 f"--teacher {name}: a {type(config).__name__} ({config.model_type}) is not a causal language model; "
                 "pass a model that AutoModelForCausalLM can load"
             )
+        if tp_plan and "tp_plan" in str(e):
+            raise UserError(f"--teacher {name}: --tp {tp_size} needs the model's tensor-parallel plan, and transformers has "
+                            f"none for a {type(config).__name__} ({config.model_type}); use --device-map auto instead")
         raise UserError(f"--teacher {name}: cannot load the model ({describe(e)})")
     except OSError as e:
         raise UserError(f"--teacher {name}: cannot load the model weights ({describe(e)})")

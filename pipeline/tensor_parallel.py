@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 
 from .common.errors import UserError
 from .head import tp_groups
 
+GROUP_TIMEOUT_HOURS = 24
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")  # what a follower needs of a batch: (B, T) each
 
 
@@ -63,8 +65,11 @@ class TPGroup:
         store, _, _ = next(dist.rendezvous("env://", rank=self.rank, world_size=self.world_size))
         member = tp_groups(self.rank, self.world_size, self.tp)[2]
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # a long timeout: followers wait in a broadcast while their writer tokenizes the corpus (once, maybe hours);
+        # a rank that fails ends the others through torchrun, not through this timeout
         dist.init_process_group(backend, store=dist.PrefixStore(f"distill-tp-group-{self.index}", store),
-                                rank=member, world_size=self.tp, **({"device_id": device} if device.type == "cuda" else {}))
+                                rank=member, world_size=self.tp, timeout=timedelta(hours=GROUP_TIMEOUT_HOURS),
+                                **({"device_id": device} if device.type == "cuda" else {}))
         self.device = device
 
     # --- the writer's messages to its group: capture settings, batches, stop --------------------------------------
