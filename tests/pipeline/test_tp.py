@@ -31,7 +31,7 @@ LOGPROB_TOL = 2e-3  # float32 sums in another order (all-reduce of partial produ
 
 def args(teacher, data, out) -> list[str]:
     return ["precompute", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--seq-len", "32", "--top-k", "8",
-            "--batch-size", "2", "--shard-size", "2", "--hidden-layers", "-1", "--max-tokens", "1500", "--no-progress",
+            "--batch-size", "2", "--shard-size", "2", "--hidden-layers", "-1", "--max-tokens", "900", "--no-progress",
             "--device", "cpu", "--targets", "both", "--samples", "8", "--head-chunk", "24"]
 
 
@@ -53,7 +53,7 @@ def reference(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
     """The single-process capture (in this process: the same code path as the CLI's, one interpreter start less)."""
     out = tmp_path_factory.mktemp("tp") / "one"
     precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(out), seq_len=32, top_k=8, batch_size=2,
-                                shard_size=2, hidden_layers=[-1], max_tokens=1500, progress=False, device="cpu", targets="both",
+                                shard_size=2, hidden_layers=[-1], max_tokens=900, progress=False, device="cpu", targets="both",
                                 samples=8, head_chunk=24))
     return out
 
