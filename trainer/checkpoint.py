@@ -5,6 +5,12 @@ writes them (so a checkpoint is itself a loadable model) and `state.pt` (optimiz
 of every rank, step). Everything is written under a `.tmp-PID` name, fsynced, then renamed: a run killed mid-save leaves
 only a temp folder, which the next run deletes. `state.pt` holds only tensors and plain containers, so it loads with
 `torch.load(weights_only=True)`.
+
+An --fsdp run writes sharded checkpoints instead (`save_sharded_checkpoint`): the student's config.json and tokenizer,
+`shards/rank-R-of-W.safetensors` (each rank's part of the weights, projections and optimizer state, written by that rank),
+`fsdp.json` (what the shards hold; trainer/fsdp.py) and `state.pt` without the optimizer (scheduler, reader, RNG, step).
+Every rank writes into one temp folder (a file system all ranks share); rank 0 renames it once all are done. Such a
+checkpoint is resumed by --fsdp with the same number of processes; it is not itself a loadable model (OUT/model/ is).
 """
 
 from __future__ import annotations
@@ -72,6 +78,44 @@ def save_checkpoint(out: Path, step: int, model, state: dict, keep_last: int, to
     for _, old in list_checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded_checkpoint(out: Path, step: int, model, state: dict, keep_last: int, write_shards, rank: int,
+                            world: int, tokenizer=None) -> Path:
+    """A sharded checkpoint of `step`; every rank calls it. `write_shards(folder)` writes this rank's shards and returns
+    the layout (trainer.fsdp.write_rank_shards); rank 0 adds config, tokenizer, layout and `state`, then renames."""
+    from .distributed import barrier
+    from .fsdp import LAYOUT
+
+    final = checkpoint_dir(out, step)
+    tmp = final.with_name(f"{final.name}.tmp-sharded")  # one name for all ranks (a pid would differ per rank)
+    if rank == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(final.parent)
+        tmp.mkdir()
+    barrier()
+    layout = write_shards(tmp)
+    barrier()
+    if rank == 0:
+        model.config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / LAYOUT, layout | {"world_size": world, "step": step})
+        torch.save(state, tmp / STATE)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(out)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def write_json(path: Path, obj) -> None:
+    import json
+
+    path.write_text(json.dumps(obj, indent=1))
 
 
 def load_state(folder: Path, device: str | torch.device = "cpu") -> dict:

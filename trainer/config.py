@@ -121,6 +121,12 @@ class TrainConfig:
     chunk_size: int = LossConfig.chunk_size
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    fsdp: bool = False
+    """Shard the student, its optimizer state and the hidden-state projections across the torchrun processes (PyTorch
+    FSDP2: each transformer block gathered only while it runs), for students too large for one device. --dtype
+    bfloat16 computes in bfloat16 with float32 master weights and gradient reduction; checkpoints are sharded (one
+    file per process; resume with the same number of processes); OUT/model/ is still one ordinary model folder.
+    Without torchrun it runs 1-way (nothing split)."""
     trust_remote_code: bool = False
     """Allow model code from the student's or teacher's repository to run. Only for models you trust."""
     progress: bool = True
@@ -319,7 +325,7 @@ def _coerce(cls, name: str, value):
 TRAJECTORY_FIELDS = (
     "student", "student_config", "online_teacher", "targets", "loss", "tail", "alpha", "temperature", "hidden_weight", "hidden_map",
     "hidden_loss", "steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "dtype",
-    "seed", "loss_impl", "schedule", "decay_steps",
+    "seed", "loss_impl", "schedule", "decay_steps", "fsdp",
 )
 
 

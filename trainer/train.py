@@ -2,7 +2,8 @@
 
 dataset + run folder + student (every refusal before any step) → model, losses, optimizer → resume point → loop
 (micro-batches, accumulation, clipping, AdamW, warmup + cosine/constant/wsd) → checkpoints, metrics, evaluation → the saved student.
-Runs alone or under torchrun (DDP: each rank reads its own part of the data; only rank 0 writes). Called by
+Runs alone or under torchrun (DDP: each rank reads its own part of the data; only rank 0 writes; --fsdp: the student and
+optimizer sharded too, trainer/fsdp.py, and every rank writes its part of a checkpoint). Called by
 `distill train` (trainer/cli.py) and from Python; returns the final metrics.
 """
 
@@ -29,12 +30,15 @@ from pipeline.common.outdir import unlock_folder
 from .losses.config import LossConfig
 from .losses.hidden import make_projections
 from .checkpoint import (CHECKPOINTS, checkpoint_dir, list_checkpoints, load_state, rng_state, save_checkpoint,
-                         seed_everything, set_rng_state)
+                         save_sharded_checkpoint, seed_everything, set_rng_state)
 from .config import TrainConfig, effective_warmup, steps_extensible, trajectory_diff, warmup_note
 from .data import WindowReader, make_loader, stored_target_kind
 from .distributed import (all_gather_objects, all_reduce_sum, barrier, broadcast_error, close_distributed, dist_env,
                           init_distributed, resolve_device_dtype, set_cpu_threads)
 from .evaluate import evaluate_batches, finish_metrics, metric_sums
+from .fsdp import (clip_grad_norm, full_state_dict, gathered, gradient_sync, init_single_process_group,
+                   is_sharded_checkpoint, load_rank_shards, plain_student, shard, student_from_checkpoint,
+                   write_rank_shards)
 from .model_card import model_card, save_final_model
 from .online import load_online_teacher, online_teacher_logits
 from .progress import Progress, make_reporter
@@ -51,6 +55,8 @@ def train(cfg: TrainConfig) -> dict:
     rank, world, local_rank = dist_env()
     device, amp_dtype = resolve_device_dtype(cfg.device, cfg.dtype, local_rank)
     init_distributed(world, device)
+    if cfg.fsdp and world == 1:
+        init_single_process_group(device)  # --fsdp without torchrun: 1-way
     set_cpu_threads(cfg.threads, device)
     _quiet_transformers()
 
@@ -61,7 +67,14 @@ def train(cfg: TrainConfig) -> dict:
     lock, problems = take_run_folder(out) if rank == 0 else (None, [])  # one writer; no symlinks; leftovers removed
     broadcast_error(problems)
     ckpt = resume_point(out, cfg, ds)
-    if ckpt is not None:  # the checkpoint is a complete model folder; the tokenizer is still the original student's
+    if ckpt is not None and is_sharded_checkpoint(ckpt) != cfg.fsdp:
+        kind = "without" if cfg.fsdp else "with"
+        raise UserError(f"checkpoint {ckpt} was written {kind} --fsdp; resume {kind} it, or start a new --out")
+    if ckpt is not None and cfg.fsdp:  # the architecture from its config.json; the weights after sharding
+        model, tokenizer = student_from_checkpoint(ckpt, cfg.trust_remote_code), None
+        if cfg.student:
+            tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code)
+    elif ckpt is not None:  # the checkpoint is a complete model folder; the tokenizer is still the original student's
         model, tokenizer = load_pretrained(str(ckpt), cfg.trust_remote_code), None
         if cfg.student:
             tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code)
@@ -94,8 +107,10 @@ def train(cfg: TrainConfig) -> dict:
     loss_cfg = LossConfig(loss=cfg.loss, tail=cfg.tail, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta,
                           chunk_size=cfg.chunk_size)
     step_fn = DistillStep(model, projections, loss_cfg, layer_map, cfg.hidden_weight, cfg.hidden_loss, fused)
-    run_step = step_fn  # what the loop calls: the step itself, or its DistributedDataParallel wrapper on several ranks
-    if world > 1:
+    run_step = step_fn  # what the loop calls: the step itself (sharded in place by --fsdp), or its DDP wrapper
+    if cfg.fsdp:
+        shard(step_fn, model, device, amp_dtype, world)
+    elif world > 1:
         run_step = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(step_fn, cfg, device)
     reader = WindowReader(ds, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, targets=targets,
@@ -117,9 +132,12 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         state = load_state(ckpt)
         reader.load_state_dict(state["reader"])  # refuses another dataset, seed, batch size or process count
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # weights, projections and optimizer state: this rank's shards
+            load_rank_shards(ckpt, step_fn, optimizer, rank, world)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            projections.load_state_dict(state["projections"])
         scheduler.load_state_dict(state["scheduler"])
-        projections.load_state_dict(state["projections"])
         set_rng_state(state["rng"][rank])
         step = int(state["step"])
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # this total's value (an extension's)
@@ -150,7 +168,10 @@ def train(cfg: TrainConfig) -> dict:
             if online_teacher is not None:
                 inputs["teacher_logits"] = online_teacher_logits(online_teacher, inputs["input_ids"], amp_dtype,
                                                                  inputs.get("position_ids"))  # (B, T, V)
-            sync = run_step.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+            if cfg.fsdp:
+                sync = gradient_sync(step_fn, micro == cfg.grad_accum - 1)
+            else:
+                sync = run_step.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 with autocast():
                     res = run_step(**inputs)
@@ -161,7 +182,8 @@ def train(cfg: TrainConfig) -> dict:
                                  res["hidden"].double() * n, n, n.new_tensor(batch["input_ids"].numel())])
             if cfg.record_windows:
                 windows += batch["window_index"].tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        clip = clip_grad_norm if cfg.fsdp else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, cfg.max_grad_norm or float("inf"))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -186,7 +208,14 @@ def train(cfg: TrainConfig) -> dict:
         progress.update(step, logged)
         if step % cfg.save_every == 0 or step == total_steps or step == keep_at:
             rngs = all_gather_objects(rng_state())  # every rank's generators, so each resumes its own dropout stream
-            if rank == 0:
+            if cfg.fsdp:  # every rank writes its shards
+                save_sharded_checkpoint(out, step, model, {
+                    "step": step, "scheduler": scheduler.state_dict(), "reader": reader.state_dict(), "rng": rngs,
+                }, cfg.keep_last, lambda folder: write_rank_shards(folder, step_fn, optimizer, rank, world), rank, world,
+                    tokenizer=dataset_tokenizer(ds) if rank == 0 else None)
+                if rank == 0 and step == keep_at:
+                    keep_stable_copy(out, step)
+            elif rank == 0:
                 save_checkpoint(out, step, model, {
                     "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "reader": reader.state_dict(), "projections": projections.state_dict(), "rng": rngs,
@@ -195,7 +224,8 @@ def train(cfg: TrainConfig) -> dict:
                     keep_stable_copy(out, step)
             barrier()
         if eval_reader is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            metrics = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
+            with gathered(step_fn) if cfg.fsdp else nullcontext():
+                metrics = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
             if rank == 0:
                 append_jsonl(out / METRICS, {"step": step, "eval": metrics})
                 if report:
@@ -208,15 +238,17 @@ def train(cfg: TrainConfig) -> dict:
     # --- finish: final evaluation, OUT/model/ (student, tokenizer, model card), run.json -----------------------------
     final = dict(last or last_train_metrics(out / METRICS))
     if eval_reader is not None:
-        final["eval"] = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
+        with gathered(step_fn) if cfg.fsdp else nullcontext():
+            final["eval"] = run_eval(model, eval_reader, device, amp_dtype, fused, cfg)
         if rank == 0:  # once: a resumed finished run (or one killed after this line) does not log it again
             drop_jsonl_lines(out / METRICS, lambda x: x.get("step") == step and "eval" in x)
             append_jsonl(out / METRICS, {"step": step, "eval": final["eval"]})
             if report:
                 report({"eval": final["eval"]}, step)
+    full = full_state_dict(model, rank) if cfg.fsdp else None  # --fsdp: gathered on rank 0 (every rank takes part)
     if rank == 0:  # the student alone in OUT/model/ (what to upload), with a model card; checkpoints stay outside it
         card = model_card(asdict(cfg), dataset_identity(ds), final, total_steps, sum(p.numel() for p in model.parameters()))
-        save_final_model(out, model, dataset_tokenizer(ds), card)
+        save_final_model(out, plain_student(model, full) if cfg.fsdp else model, dataset_tokenizer(ds), card)
         if report:
             report.close()
         write_json_atomic(out / RUN, {

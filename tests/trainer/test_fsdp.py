@@ -1,0 +1,99 @@
+"""`distill train --fsdp` (trainer/fsdp.py): two real torchrun ranks (gloo, CPU) train like one process on the same data,
+a SIGKILLed sharded run resumes to the same weights, and without torchrun --fsdp runs 1-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.common.errors import UserError
+
+from .test_train import REPO, assert_same_weights, cli_args, subprocess_env, train_lines
+
+# 48 windows: 2 ranks x 3 micro-batches of 8 = one optimizer step per epoch; one process takes 6 micro-batches of 8 for
+# the same step. Every window has the same number of predicted positions, so the mean of micro-batch means is the
+# same number either way, and FSDP averages the ranks' gradients like one process averages its micro-batches.
+STEPS, SAVE_EVERY = 4, 1
+SAME_MATH = dict(batch_size=8, steps=STEPS, hidden_weight=0.5, warmup=1)  # projections sharded and checkpointed too
+
+
+def torchrun(out: Path, dataset_dir, student_config, *extra: str, popen: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer.cli",
+           "train", *cli_args(dataset_dir, student_config, out, fsdp=True, grad_accum=3, save_every=SAVE_EVERY,
+                              gradient_checkpointing=True, **SAME_MATH), *extra]
+    if popen:  # its own session: the SIGKILL goes to the launcher and both ranks
+        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, dataset_dir, student_config) -> Path:
+    """An uninterrupted 2-rank --fsdp run (with activation checkpointing)."""
+    out = tmp_path_factory.mktemp("fsdp") / "straight"
+    done = torchrun(out, dataset_dir, student_config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_train_like_one_process(fsdp_run, run_train, tmp_path):
+    single, single_out = run_train(out=tmp_path / "single", grad_accum=6, **SAME_MATH)
+    assert_same_weights(fsdp_run, single_out, exact=False)  # rtol 1e-4, atol 1e-5: only the summation order differs
+    for a, b in zip(train_lines(fsdp_run), train_lines(single_out)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    ckpt = fsdp_run / "checkpoints" / f"step-{STEPS:06d}"
+    layout = json.loads((ckpt / "fsdp.json").read_text())
+    assert layout["world_size"] == 2
+    assert any(n.startswith("projections.") for n in layout["param_names"])
+    from safetensors.torch import load_file
+
+    parts = [load_file(str(ckpt / "shards" / f"rank-{r:05d}-of-00002.safetensors")) for r in range(2)]
+    name = "weights.model.model.layers.0.mlp.up_proj.weight"  # (64, 32): 32 rows on each rank
+    assert parts[0][name].shape == parts[1][name].shape == (32, 32)
+    assert not (ckpt / "model.safetensors").exists()  # sharded, never gathered into one file
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(fsdp_run / "model").config.hidden_size == 32  # OUT/model/ is ordinary
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_and_resume_gives_the_uninterrupted_weights(fsdp_run, tmp_path, dataset_dir, student_config):
+    out = tmp_path / "killed"
+    proc = torchrun(out, dataset_dir, student_config, "--step-sleep", "0.5", popen=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-000001").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the torchrun run wrote no checkpoint within 120 s")
+        time.sleep(0.05)
+    time.sleep(0.6)  # into the next step, possibly mid-save
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "run.json").exists()  # it really died before the end
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert 1 <= saved[-1] < STEPS
+    done = torchrun(out, dataset_dir, student_config, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(fsdp_run, out)  # bit for bit
+    assert [x["step"] for x in train_lines(out)] == list(range(1, STEPS + 1))
+
+
+def test_fsdp_without_torchrun_runs_one_way_like_the_plain_path(run_train, tmp_path, dataset_dir):
+    kw = dict(steps=3, hidden_weight=0.5, eval_data=str(dataset_dir), eval_every=2, eval_batches=2, save_every=2)
+    sharded, out = run_train(out=tmp_path / "fsdp", fsdp=True, **kw)
+    plain, plain_out = run_train(out=tmp_path / "plain", **kw)
+    assert not torch.distributed.is_initialized()  # the group of one is closed at the end
+    assert_same_weights(out, plain_out, exact=False)
+    assert sharded["eval"]["ce"] == pytest.approx(plain["eval"]["ce"], rel=1e-5)  # evaluation sees the gathered student
+    assert (out / "checkpoints" / "step-000002" / "shards" / "rank-00000-of-00001.safetensors").is_file()
+    with pytest.raises(UserError, match="--fsdp: True -> False"):  # a sharded run is resumed by --fsdp only
+        run_train(out=out, resume=True, **kw)
