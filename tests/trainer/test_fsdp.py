@@ -97,3 +97,24 @@ def test_fsdp_without_torchrun_runs_one_way_like_the_plain_path(run_train, tmp_p
     assert (out / "checkpoints" / "step-000002" / "shards" / "rank-00000-of-00001.safetensors").is_file()
     with pytest.raises(UserError, match="--fsdp: True -> False"):  # a sharded run is resumed by --fsdp only
         run_train(out=out, resume=True, **kw)
+
+
+def test_fsdp_bfloat16_tied_student_keeps_float32_master_weights(run_train, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import student_config_dict
+
+    config = tmp_path / "tied.json"
+    config.write_text(json.dumps(student_config_dict(tie_word_embeddings=True)))
+    kw = dict(student_config=str(config), steps=2, save_every=2)
+    bf16, out = run_train(out=tmp_path / "bf16", fsdp=True, dtype="bfloat16", **kw)
+    f32, _ = run_train(out=tmp_path / "f32", fsdp=True, dtype="float32", **kw)
+    assert bf16["loss"] != f32["loss"] and bf16["loss"] == pytest.approx(f32["loss"], rel=2e-2)  # computed in bfloat16
+    shards = load_file(str(out / "checkpoints" / "step-000002" / "shards" / "rank-00000-of-00001.safetensors"))
+    assert {v.dtype for k, v in shards.items() if not k.endswith(".step")} == {torch.float32}  # master weights, Adam
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still one tied matrix
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    assert torch.equal(saved["model.embed_tokens.weight"], shards["weights.model.model.embed_tokens.weight"])
