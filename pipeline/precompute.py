@@ -57,6 +57,8 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         if not group.writer:  # computes in step with its writer, never touches --out
             try:
                 return _precompute(cfg, None, [], None, group)
+            except RuntimeError as e:
+                group.reraise(e)
             finally:
                 group.leave()
     remote = None
@@ -72,6 +74,10 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         if group is not None:
             group.finish()  # its followers stop computing
         return result
+    except RuntimeError as e:
+        if group is None:
+            raise
+        group.reraise(e)
     except UserError as e:
         if remote is None:
             raise

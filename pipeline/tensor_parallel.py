@@ -144,3 +144,15 @@ class TPGroup:
         first = self.index * self.tp
         return (f"--tp {self.tp}: ranks {first}-{first + self.tp - 1} hold the teacher (group {self.index} of {self.count}); "
                 f"each holds {local / max(total, 1):.0%} of its {total:,} parameters")
+
+    def reraise(self, e: RuntimeError):
+        """A collective that failed because another rank of the group ended (its own error is printed by it): one line
+        here instead of a second traceback. Any other error is raised as it is."""
+        import torch.distributed as dist
+
+        text = str(e)
+        if isinstance(e, getattr(dist, "DistBackendError", ())) or "closed by peer" in text or "reset by peer" in text:
+            first = self.index * self.tp
+            raise UserError(f"--tp {self.tp}: another rank of group {self.index} (ranks {first}-{first + self.tp - 1}) "
+                            "stopped, so this one cannot go on; its error is printed above") from None
+        raise e
