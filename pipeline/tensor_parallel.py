@@ -59,6 +59,9 @@ class TPGroup:
         if dist.is_initialized():
             raise UserError(f"--tp {self.tp}: torch.distributed is already initialized in this process; run precompute "
                             "in a process of its own (torchrun ... -m pipeline.cli precompute)")
+        if device.type == "cpu" and torch.cuda.is_available():  # transformers splits over the machine's accelerator
+            raise UserError(f"--tp {self.tp} --device cpu on a machine with GPUs: transformers would place the split teacher "
+                            "on the GPUs; pass --device cuda, or hide them (CUDA_VISIBLE_DEVICES=) to capture on CPU")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # torchrun's store (its agent's, or rank 0's), with a prefix per group: each group is a world of its own

@@ -35,9 +35,11 @@ def args(teacher, data, out) -> list[str]:
             "--device", "cpu", "--targets", "both", "--samples", "8", "--head-chunk", "24"]
 
 
-def env() -> dict:
+def env(gpus: bool = False) -> dict:
+    """The CPU runs hide any GPU: transformers splits a tensor-parallel teacher over the machine's accelerator."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **({} if gpus else {"CUDA_VISIBLE_DEVICES": ""}))
 
 
 def torchrun(n: int, teacher, data, out, tp: int = 2) -> list[str]:
@@ -162,10 +164,10 @@ def test_tp_outside_torchrun_is_refused_in_one_line(tmp_path, teacher_dir, corpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices: --tp 2 over NCCL")
 def test_tp2_on_two_gpus_equals_one_gpu(tmp_path, teacher_dir, corpus_dir):
     one, two = tmp_path / "one", tmp_path / "two"
-    gpu = lambda cmd: [c if c != "cpu" else "cuda" for c in cmd]
-    done = subprocess.run(gpu([sys.executable, "-m", "pipeline.cli"] + args(teacher_dir, corpus_dir, one)), cwd=REPO, env=env(),
+    gpu = lambda cmd: [c if c != "cpu" else "cuda" for c in cmd] + ["--dtype", "float32"]  # TF32 is off by default
+    done = subprocess.run(gpu([sys.executable, "-m", "pipeline.cli"] + args(teacher_dir, corpus_dir, one)), cwd=REPO, env=env(gpus=True),
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run(gpu(torchrun(2, teacher_dir, corpus_dir, two)), cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(gpu(torchrun(2, teacher_dir, corpus_dir, two)), cwd=REPO, env=env(gpus=True), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_dataset(two, one)
