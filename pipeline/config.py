@@ -127,8 +127,8 @@ class PrecomputeConfig:
     """With --device-map: memory per device, e.g. '0=70GiB,1=70GiB,cpu=200GiB' (cpu = offload to host memory)."""
     tp: int = 1
     """Tensor parallel degree under torchrun: the teacher is split with transformers' tp_plan across groups of this
-    many processes (ranks r..r+N-1 of one node); each group is one data-parallel replica that takes the shards one rank
-    took before, and its first rank writes them."""
+    many processes (ranks g*N..g*N+N-1, best within one node); each group is one data-parallel replica that takes the
+    shards one rank took before, and its first rank reads the data and writes them (the others only compute)."""
     license: str | None = None
     """License id written into the dataset card (README.md front matter), e.g. apache-2.0 or cc-by-4.0."""
     progress: bool = True
