@@ -71,7 +71,7 @@ class BackgroundWriter:
                 if item[0] == "open":
                     _, index, n = item
                     writer = ShardWriter(self.out, index, self.schema, n, self.seq_len, self.widths, self.capture.batch_size,
-                                         compression=self.capture.compression)
+                                         compression=self.capture.compression, trained_only=self.capture.trained_only)
                     current = index
                 elif item[0] == "rows":
                     _, rows, hidden, stats = item

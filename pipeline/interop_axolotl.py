@@ -149,8 +149,12 @@ def export_axolotl(dataset: str, out: str, *, logprobs: str = "renormalized", te
             shard = ds.open_shard(i)
             shard.verify_checksums(hidden=False)  # what leaves is what was captured
             ids, lp = shard.sparse_targets("topk")  # (W, T, K) each
+            lp = axolotl_targets(lp, logprobs, temperature)
+            if ds.capture.trained_only:  # no targets stored where loss_mask is 0: axolotl's padding there (target_mask 0)
+                keep = shard.stored_mask()[..., None]  # (W, T, 1)
+                ids, lp = np.where(keep, ids, 0), np.where(keep, lp, np.float32(AXOLOTL_PAD_LOGPROB)).astype(np.float32)
             table = pa.table(window_rows(shard.column("input_ids"), shard.column("labels"), shard.column("loss_mask"), ids,
-                                         axolotl_targets(lp, logprobs, temperature), shard.column("position_ids")))
+                                         lp, shard.column("position_ids")))
             pq.write_table(table, data / f"train-{i:05d}-of-{n:05d}.parquet")
             rows += table.num_rows
         shutil.copytree(Path(ds.root) / "tokenizer", tmp / "tokenizer") if ds.is_local else _copy_remote_tokenizer(ds, tmp)
@@ -403,7 +407,8 @@ def import_axolotl(src: str, out: str, tokenizer: str, *, seq_len: int | None = 
                         "pad_token in its tokenizer_config.json")
     capture = Capture.build(targets=("topk",), top_k=K, encoding="exact", logprob_bits=7, compression="none",
                             vocab_size=vocab, hidden_layers=[], samples=0, sample_temperature=1.0, seed=0,
-                            batch_size=shard_size, shard_size=shard_size, world_size=1)
+                            batch_size=shard_size, shard_size=shard_size, world_size=1,
+                            positions="trained")  # format 2: targets only where target_mask (loss_mask) is 1
     schema = capture.schema(T)
     tmp = _staging(path)
     try:

@@ -212,6 +212,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path | None, held: list[int], remote
         plan = plan_windows(np.diff(offsets), cfg.seq_len, cfg.packing, cfg.long_examples, pstats)
         n_windows = plan.windows
         build = lambda b, nb: make_windows(tokens, trained, offsets, plan, b, nb, pad_id)
+    if not (stream and bool(trained[1:].all())):  # targets only where the student learns (format 2, capture.positions);
+        capture = replace(capture, positions="trained")  # at every position only in a fully trained stream (format 1's shape)
     n_shards = -(-n_windows // cfg.shard_size)
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
 

@@ -235,7 +235,7 @@ class WindowReader(torch.utils.data.IterableDataset):
 
     def read_rows(self, i: int, rows: np.ndarray) -> dict:
         opened = self.shard(i)
-        shard, T = opened["shard"], self.ds.seq_len
+        shard = opened["shard"]
         mask = torch.from_numpy(shard.column("loss_mask")[rows].astype(np.bool_))  # (B, T)
         labels = torch.from_numpy(shard.column("labels")[rows].astype(np.int64))  # (B, T)
         batch = {
@@ -248,9 +248,8 @@ class WindowReader(torch.utils.data.IterableDataset):
         }
         batch |= read_targets(shard, rows, self.targets, self.log_norm_temperature)
         if self.hidden_layers:
-            batch["hidden"] = {
-                layer: torch.from_numpy(np.stack([arr[r * T : (r + 1) * T] for r in rows.tolist()]))  # (B, T, H) float16
-                for layer, arr in opened["hidden"].items()
+            batch["hidden"] = {  # (B, T, H) float16; 0 where a dataset stores only trained positions (loss_mask 0 there)
+                layer: torch.from_numpy(shard.hidden_windows(layer, rows, arr)) for layer, arr in opened["hidden"].items()
             }
         return batch
 

@@ -2,7 +2,10 @@
 
 The writer calls `encode_rows` (in its background thread); the reader calls `decode_topk` / `decode_sampled`, which
 always return dense padded arrays: ids (R, T, M) int64 and log-probs (R, T, M) float32, padded slots -inf. A loss needs
-nothing else, whichever encoding or target kind the dataset holds.
+nothing else, whichever encoding or target kind the dataset holds. When targets are stored only at trained positions
+(`capture.positions == "trained"`), `encode_rows` keeps a window's trained positions only (in position order), and the
+reader's `col` scatters them back to (R, T, ...) (format.reader.Shard.column); compact blobs hold only those positions'
+values, so `decode_topk` gets the stored-position mask to place them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .bitpack import dequantize_logprobs, pack_bits, unpack_bits
+from .schema import TARGET_COLUMNS
 from .sections import Capture
 
 
@@ -27,29 +31,47 @@ def _list_array(chunks: list[np.ndarray], dtype) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
+def trained_lists(values: np.ndarray, mask: np.ndarray) -> pa.Array:
+    """(B, T, ...) per-position values + (B, T) loss mask -> a list array with, per window, the values of its trained
+    positions in position order (list<...> of the nested fixed-size lists of the trailing dims)."""
+    from .writer import _fixed_lists
+
+    keep = mask.astype(bool)
+    flat = np.ascontiguousarray(values[keep])  # (P, ...) in window-major, position order
+    inner = _fixed_lists(flat, *flat.shape[1:]) if flat.ndim > 1 else pa.array(flat)
+    offsets = np.zeros(len(keep) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(keep.sum(1))
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
 def encode_rows(rows: dict, capture: Capture) -> dict:
     """Turn logical arrays into column values, as `capture` (the manifest's capture section) says.
 
     rows in: topk_ids (B,T,K) + topk_logprobs (B,T,K) float16 [exact] or topk_q (B,T,K), topk_hi/lo (B,T) [compact];
     sample_ids/sample_counts (B,T,N) padded + sample_n (B,T) [+ sample_logweights (B,T,N)].
-    rows out: numpy arrays (fixed-size columns) or pyarrow arrays (lists, binaries).
+    rows out: numpy arrays (fixed-size columns) or pyarrow arrays (lists, binaries). With `capture.trained_only`, the
+    target columns keep only positions whose loss_mask is 1 (lists per window; blobs and sample lists of those only).
     """
     out = {k: rows[k] for k in ("window_index", "input_ids", "labels", "loss_mask", "position_ids", "target_logprob") if k in rows}
     compact = capture.encoding == "compact"
     token_type = np.dtype(capture.token_dtype)
+    keep = rows["loss_mask"].astype(bool) if capture.trained_only else None  # (B, T): the stored positions
+    at = (lambda w, x: x[keep[w]]) if keep is not None else (lambda w, x: x)  # a window's stored positions
     if "topk" in capture.targets:
         if not compact:
             out["topk_ids"], out["topk_logprobs"] = rows["topk_ids"], rows["topk_logprobs"]
         else:
             ids, q = rows["topk_ids"], rows["topk_q"]
-            out["topk_ids_packed"] = pa.array([pack_bits(w, capture.id_bits) for w in ids], pa.binary())
-            out["topk_logprobs_packed"] = pa.array([pack_bits(w, capture.logprob_bits) for w in q], pa.binary())
+            out["topk_ids_packed"] = pa.array([pack_bits(at(i, w), capture.id_bits) for i, w in enumerate(ids)], pa.binary())
+            out["topk_logprobs_packed"] = pa.array([pack_bits(at(i, w), capture.logprob_bits) for i, w in enumerate(q)], pa.binary())
             out["topk_logprob_hi"], out["topk_logprob_lo"] = rows["topk_hi"], rows["topk_lo"]
         if capture.log_norm_temperatures:
             out["log_norm"] = rows["log_norm"]  # (B, T, n) float32, both encodings
     if "sampled" in capture.targets:
         n = rows["sample_n"]
         out["sample_n"] = n.astype(capture.count_dtype)
+        if keep is not None:
+            n = np.where(keep, n, 0)  # (B, T): the samples of untrained positions are not stored
         ids, counts = _ragged(rows["sample_ids"], n), _ragged(rows["sample_counts"], n)
         if not compact:
             out["sample_ids"], out["sample_counts"] = _list_array(ids, token_type), _list_array(counts, capture.count_dtype)
@@ -59,20 +81,30 @@ def encode_rows(rows: dict, capture: Capture) -> dict:
             out["sample_counts_packed"] = pa.array([pack_bits(w - 1, capture.count_bits) for w in counts], pa.binary())
         if capture.stores_weights:
             out["sample_logweights"] = _list_array(_ragged(rows["sample_logweights"], n), np.float16)
+    if keep is not None:
+        for name in TARGET_COLUMNS:
+            if name in out:
+                out[name] = trained_lists(np.asarray(out[name]), keep)
     return out
 
 
-def decode_topk(col, capture: Capture, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """col(name) -> numpy column for the selected rows. Returns ids (R,T,K) int64, log-probs (R,T,K) float32."""
+def decode_topk(col, capture: Capture, seq_len: int, stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """col(name) -> numpy column for the selected rows (per-position columns as (R, T, ...)). Returns ids (R,T,K) int64,
+    log-probs (R,T,K) float32. stored (R, T) bool: the positions a compact blob holds (None: all T of each window)."""
     K = capture.top_k
     if capture.encoding == "exact":
         return col("topk_ids").astype(np.int64), col("topk_logprobs").astype(np.float32)
     packed_ids, packed_q = col("topk_ids_packed"), col("topk_logprobs_packed")
     R = len(packed_ids)
-    ids = np.stack([unpack_bits(b, capture.id_bits, seq_len * K) for b in packed_ids]).reshape(R, seq_len, K) if R else np.zeros((0, seq_len, K))
-    q = np.stack([unpack_bits(b, capture.logprob_bits, seq_len * K) for b in packed_q]).reshape(R, seq_len, K) if R else np.zeros((0, seq_len, K))
+    if stored is None:
+        stored = np.ones((R, seq_len), bool)
+    ids, q = np.zeros((R, seq_len, K), np.int64), np.zeros((R, seq_len, K), np.float32)
+    for r in range(R):
+        n = int(stored[r].sum())
+        ids[r][stored[r]] = unpack_bits(packed_ids[r], capture.id_bits, n * K).reshape(n, K)
+        q[r][stored[r]] = unpack_bits(packed_q[r], capture.logprob_bits, n * K).reshape(n, K)
     lp = dequantize_logprobs(q, col("topk_logprob_hi"), col("topk_logprob_lo"), capture.logprob_bits)
-    return ids.astype(np.int64), lp
+    return ids, lp
 
 
 def decode_sampled(col, capture: Capture, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

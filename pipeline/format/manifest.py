@@ -16,7 +16,7 @@ import numpy as np
 from ..common.errors import FormatError
 from .bitpack import bits_for
 from .files import safe_relpath
-from .schema import FORMAT_NAME, FORMAT_VERSION, schema_description, shard_name, token_dtype
+from .schema import FORMAT_NAME, FORMAT_VERSION, POSITIONS, schema_description, shard_name, token_dtype
 from .sections import Capture, Manifest, count_dtype, logprob_dtype
 
 TARGET_KINDS = ("topk", "sampled")
@@ -110,6 +110,9 @@ def check_manifest(m, where: str = "manifest.json") -> None:
     _check_teacher(c, teacher, T)
     _check_tokenizer(c, tokenizer, vocab)
     capture = _check_capture(c, cap, teacher, vocab)
+    if cap.get("positions", "all") not in POSITIONS or (cap.get("positions") == "trained" and version < 2):
+        c.fail(f"`capture.positions` is {_show(cap.get('positions'))}, expected one of {list(POSITIONS)} ('trained' only "
+               "from format version 2)")
     schema = m.get("schema")
     if not isinstance(schema, dict) or not all(isinstance(v, str) for v in schema.values()):
         c.fail(f"`schema` is {_show(schema)}, expected an object of column name -> Arrow type")
@@ -219,10 +222,10 @@ def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> Capture
     return Capture.from_json(cap)
 
 
-def min_arrow_bytes(windows: int, T: int, token_type: str) -> int:
-    """A lower bound of an uncompressed shard's Arrow file size: window_index, input_ids, labels, loss_mask and
-    target_logprob are stored raw (every other column only adds)."""
-    return windows * (8 + T * (2 * np.dtype(token_type).itemsize + 1 + 4))
+def min_arrow_bytes(windows: int, T: int, token_type: str, trained_only: bool = False) -> int:
+    """A lower bound of an uncompressed shard's Arrow file size: window_index, input_ids, labels, loss_mask and (at every
+    position unless targets are stored only where trained) target_logprob are stored raw (every other column only adds)."""
+    return windows * (8 + T * (2 * np.dtype(token_type).itemsize + 1 + (0 if trained_only else 4)))
 
 
 def _check_shards(c: _Checker, shards, cap: dict, T: int) -> None:
@@ -259,7 +262,7 @@ def _check_shards(c: _Checker, shards, cap: dict, T: int) -> None:
             c.fail(f"`{where}.files` does not list {name}.zarr/zarr.json although `capture.hidden_layers` is set")
         total = sum(meta["bytes"] for meta in files.values())
         c.int_(r, "bytes", total, total, f"{where}.bytes", required=False)
-        need = min_arrow_bytes(n, T, cap["token_dtype"])
+        need = min_arrow_bytes(n, T, cap["token_dtype"], cap.get("positions") == "trained")
         ratio = MAX_ZSTD_RATIO if cap.get("compression") == "zstd" else 1
         if files[arrow]["bytes"] * ratio < need:
             c.fail(f"`{where}.windows` is {n}, but {arrow} has {files[arrow]['bytes']} bytes, too few for {n} windows "

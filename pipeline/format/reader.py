@@ -24,7 +24,7 @@ from ..common.files import check_plain, walk_plain
 from .files import HASH_BLOCK
 from .manifest import parse_manifest
 from .remote import open_fs
-from .schema import MANIFEST, SHARDS_DIR, schema_description
+from .schema import MANIFEST, SHARDS_DIR, TARGET_COLUMNS, schema_description
 from .sections import Capture, Manifest, ShardRecord
 from .tokenizer_files import check_tokenizer_files
 from .zarr_meta import ZARR_V2_FILES, check_array_meta, check_group_meta, zarr_filesystem
@@ -110,21 +110,69 @@ class Shard:
             raise FormatError(f"{self.where(rel)}: holds {table.num_rows} windows but the manifest says {self.windows}")
         return table
 
+    def _rows_count(self, rows) -> int:
+        return self.windows if rows is None else len(range(self.windows)[rows]) if isinstance(rows, slice) else len(rows)
+
+    def stored_mask(self, rows=None) -> np.ndarray:
+        """(R, T) bool: the positions whose targets (and hidden states) the dataset stores: where loss_mask is 1 when
+        `capture.positions` is "trained", else every position."""
+        if self.dataset.capture.trained_only:
+            return self.column("loss_mask", rows).astype(bool)
+        return np.ones((self._rows_count(rows), self.dataset.seq_len), bool)
+
+    def stored_counts(self, name: str, rows=None) -> np.ndarray:
+        """(R,) entries per window of a target column stored only at trained positions (its list lengths)."""
+        arr = self._select(self.table.column(name).combine_chunks(), rows)
+        return np.diff(arr.offsets.to_numpy()).astype(np.int64)
+
+    def _select(self, arr, rows):
+        if rows is not None:
+            arr = arr[rows] if isinstance(rows, slice) else arr.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return arr
+
+    def _scatter(self, name: str, rows) -> np.ndarray:
+        """A target column stored only at trained positions, back at its positions: (R, T[, ...]) with 0 elsewhere.
+
+        Row w of the column lists the values of window w's trained positions in position order; their number must be
+        the window's count of loss_mask 1 (a dataset where it is not is refused, naming the column and window)."""
+        arr = self._select(self.table.column(name).combine_chunks(), rows)
+        keep = self.column("loss_mask", rows).astype(bool)  # (R, T)
+        lengths = np.diff(arr.offsets.to_numpy()).astype(np.int64)
+        want = keep.sum(1)
+        bad = lengths != want
+        if bad.any():
+            r = int(np.argmax(bad))
+            w = r if rows is None else int(np.arange(self.windows)[rows][r])
+            raise FormatError(f"{self.where(self.name + '.arrow')}: column {name}: window {w} holds {int(lengths[r])} "
+                              f"entries but its loss_mask marks {int(want[r])} trained positions (targets are stored "
+                              "once per trained position); the dataset was written wrong or altered: do not use it")
+        values = arr.flatten()  # the entries of the selected rows (offsets respected)
+        shape = [len(values)]
+        while pa.types.is_fixed_size_list(values.type):
+            shape.append(values.type.list_size)
+            values = values.flatten()
+        flat = values.to_numpy(zero_copy_only=False).reshape(shape)  # (P, ...)
+        out = np.zeros(keep.shape + tuple(shape[1:]), flat.dtype)
+        out[keep] = flat
+        return out
+
     def column(self, name: str, rows=None):
         """A column for all rows (or the selected `rows`, an index array or slice).
 
         `position_ids` of a version-1 dataset (which has no such column) are 0..T-1 in every window, as they were
         captured. Fixed-size columns come back as numpy arrays shaped (windows,), (windows, T) or (windows, T, K), zero-copy when
         local and unselected; variable-length lists as a list of 1-D numpy arrays (one per window); binaries as bytes.
+        A target column stored only at trained positions (`capture.positions` "trained") comes back at its positions,
+        (windows, T[, K]), with 0 where loss_mask is 0.
         """
         if name == "position_ids" and name not in self.table.column_names and self.dataset.manifest.format_version < 2:
-            n = self.windows if rows is None else len(range(self.windows)[rows]) if isinstance(rows, slice) else len(rows)
+            n = self._rows_count(rows)
             return np.broadcast_to(np.arange(self.dataset.seq_len, dtype=np.int32), (n, self.dataset.seq_len))  # version 1
         if name not in self.table.column_names:
             raise KeyError(f"shard {self.name} has no column {name!r}; it has {self.table.column_names}")
-        arr = self.table.column(name).combine_chunks()
-        if rows is not None:
-            arr = arr[rows] if isinstance(rows, slice) else arr.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        if name in TARGET_COLUMNS and self.dataset.capture.trained_only:
+            return self._scatter(name, rows)
+        arr = self._select(self.table.column(name).combine_chunks(), rows)
         if pa.types.is_list(arr.type):
             offsets = arr.offsets.to_numpy()
             values = arr.values.to_numpy(zero_copy_only=False)
@@ -142,22 +190,31 @@ class Shard:
 
         kind: "topk" (exact head log-probs over the full vocabulary; tail = 1 - sum) or "sampled" (log of count / N,
         plus the log importance weight when sampled at a temperature other than 1; padded slots -inf). Default: the
-        dataset's first target kind.
+        dataset's first target kind. Where a dataset stores targets only at trained positions, the other positions read
+        as id 0 with log-prob 0 in slot 0 and -inf in the rest (a distribution certain of id 0; nothing learns from it).
         """
         kinds = self.dataset.target_kinds
         kind = kind or kinds[0]
         if kind not in kinds:
             raise FormatError(f"dataset holds {' and '.join(kinds) or 'no'} targets, not {kind!r}; pick one of {kinds}")
         col = lambda name: self.column(name, rows)
-        decode = decode_topk if kind == "topk" else decode_sampled
-        return decode(col, self.dataset.capture, self.dataset.seq_len)
+        cap, T = self.dataset.capture, self.dataset.seq_len
+        if kind == "sampled":
+            ids, lp = decode_sampled(col, cap, T)
+        else:
+            ids, lp = decode_topk(col, cap, T, self.stored_mask(rows) if cap.trained_only else None)
+        if cap.trained_only:  # positions without targets read as certain of id 0 (a distribution; loss_mask 0 there)
+            keep = self.stored_mask(rows)
+            ids[~keep] = 0
+            lp[~keep] = -np.inf
+            lp[~keep, 0] = 0.0
+        return ids, lp
 
     def log_norm(self, temperature: float, rows=None) -> np.ndarray | None:
         """(R, T) float32: the teacher's log sum_v p_v^(1/T) at `temperature` per position, for exact tempering of the
         stored top-k (0 at T = 1); None when the capture did not store that temperature (`capture.log_norm_temperatures`)."""
         if temperature == 1:
-            return np.zeros((self.windows if rows is None else len(range(self.windows)[rows]) if isinstance(rows, slice)
-                             else len(rows), self.dataset.seq_len), np.float32)
+            return np.zeros((self._rows_count(rows), self.dataset.seq_len), np.float32)
         temps = self.dataset.capture.log_norm_temperatures
         if float(temperature) not in temps:
             return None
@@ -189,7 +246,8 @@ class Shard:
             rel = f"{prefix}layer_{x.index}/zarr.json"
             if rel not in self.files:
                 raise FormatError(f"shard {self.name}: the manifest lists no {rel} although layer {x.index} was captured")
-            check_array_meta(self._json(rel), self.where(rel), (self.windows * T, x.width))
+            bound = T * (self.dataset.capture.batch_size or 1) if self.dataset.capture.trained_only else 0
+            check_array_meta(self._json(rel), self.where(rel), (self.hidden_rows_count(), x.width), max_chunk_rows=bound)
         self._zarr_checked = True
 
     def _json(self, rel: str):
@@ -200,6 +258,34 @@ class Shard:
             return json.loads(raw)
         except ValueError as e:
             raise FormatError(f"{self.where(rel)}: not valid JSON ({e}); re-copy the dataset")
+
+    def hidden_rows_count(self) -> int:
+        """Rows of each hidden-state array: windows * T, or the shard's trained positions (`capture.positions` "trained")."""
+        if self.dataset.capture.trained_only:
+            return int(self.record.valid_tokens or 0)
+        return self.windows * self.dataset.seq_len
+
+    @cached_property
+    def _hidden_starts(self) -> np.ndarray:
+        """(W + 1,) first hidden-state row of each window when only trained positions are stored."""
+        return np.concatenate([[0], np.cumsum(self.column("loss_mask").astype(bool).sum(1))]).astype(np.int64)
+
+    def hidden_windows(self, layer: int, rows, arr=None) -> np.ndarray:
+        """Hidden states of `layer` for the shard's `rows` (an index array) at their positions: (R, T, H) float16, 0 at
+        positions a "trained" dataset does not store. Row r of the array is position t of window w for the r-th stored
+        position in (window, position) order: windows * T + t with every position stored, else the trained ones."""
+        arr, T = self.hidden(layer) if arr is None else arr, self.dataset.seq_len  # arr: that layer's open array
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.dataset.capture.trained_only:
+            if len(rows) == 0:
+                return np.zeros((0, T, arr.shape[1]), np.float16)
+            return np.stack([arr[r * T : (r + 1) * T] for r in rows.tolist()])
+        start = self._hidden_starts
+        keep = self.column("loss_mask", rows).astype(bool)  # (R, T)
+        out = np.zeros((len(rows), T, arr.shape[1]), np.float16)
+        for i, r in enumerate(rows.tolist()):
+            out[i][keep[i]] = arr[int(start[r]) : int(start[r + 1])]
+        return out
 
     def hidden(self, layer: int):
         """Hidden states of `layer` (an index into the teacher's hidden_states) as a lazy zarr array (tokens, hidden)."""

@@ -9,11 +9,17 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "distill-logits"
-FORMAT_VERSION = 2  # 2: the position_ids column (packed examples restart at 0); version 1 still reads
+FORMAT_VERSION = 2  # 2: position_ids (packed examples restart at 0), targets only where trained; version 1 still reads
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 PROGRESS_DIR = "_progress"  # work-in-progress markers; removed once the manifest is written
 SHARD_NAME_DIGITS = 5
+# Where targets are stored (`capture.positions`): "all" = at every position of a window (fixed-size [T] lists; version
+# 1, and version 2 when every position but the last window's end is trained), "trained" = only where loss_mask is 1
+# (version 2): a window's row holds one entry per trained position, in position order (docs/FORMAT.md).
+POSITIONS = ("all", "trained")
+# The columns with one value per position that are targets: in "trained" datasets they hold trained positions only.
+TARGET_COLUMNS = ("target_logprob", "topk_ids", "topk_logprobs", "topk_logprob_hi", "topk_logprob_lo", "log_norm", "sample_n")
 
 
 def shard_name(index: int) -> str:
@@ -39,6 +45,7 @@ def window_schema(
     sample_weights: bool = False,
     version: int | None = None,
     log_norms: int = 0,
+    positions: str = "all",
 ) -> pa.Schema:
     """One row per window of `seq_len` tokens; see docs/FORMAT.md for each column.
 
@@ -47,11 +54,14 @@ def window_schema(
     position: `sample_n` gives the count per position and the ids/counts of all positions are concatenated in one list.
     The compact encoding replaces id and log-prob lists by bit-packed binary blobs, one per window.
     `version`: the format version whose columns to describe (1 has no `position_ids`). `log_norms`: temperatures whose
-    tempered log-normalizer is stored (column `log_norm`, only with top-k; 0: no column).
+    tempered log-normalizer is stored (column `log_norm`, only with top-k; 0: no column). `positions`: "all" (a target
+    column holds T entries per window) or "trained" (a variable-length list of one entry per trained position; version 2).
     """
     version = FORMAT_VERSION if version is None else version  # looked up now, so a test can write version 1
     id_type = pa.from_numpy_dtype(np.dtype(token_type))
-    per_pos = lambda t: pa.list_(t, seq_len)
+    fixed = lambda t: pa.list_(t, seq_len)
+    trained_only = positions == "trained"
+    per_pos = fixed
     fields = [
         pa.field("window_index", pa.int64()),  # global position of the window in the packed corpus
         pa.field("input_ids", per_pos(id_type)),
@@ -60,6 +70,8 @@ def window_schema(
     ]
     if version >= 2:  # restart at 0 at each packed example; version 1 datasets have none (0..T-1 for every window)
         fields.append(pa.field("position_ids", per_pos(pa.int32())))
+    if trained_only:  # targets: one entry per trained position (loss_mask 1), in position order
+        per_pos = lambda t: pa.list_(t)
     fields += [
         pa.field("target_logprob", per_pos(pa.float32())),  # teacher log p(labels[t] | prefix)
     ]

@@ -108,11 +108,15 @@ class Capture:
     """Temperatures other than 1, ascending, whose teacher log-normalizer log sum_v p_v^(1/T) (full vocabulary) is
     stored per position in the column `log_norm`, in this order (top-k only; `precompute --temperatures`). Empty, and
     not written, when none was asked for (and in datasets written before it existed)."""
+    positions: str = "all"
+    """Where targets (and hidden states) are stored: "all" = at every position of every window (format version 1, and
+    version 2 when every position but the end of the last window is trained), "trained" = only at positions whose
+    loss_mask is 1 (version 2; docs/FORMAT.md, "Targets only where trained"). Absent in older manifests: "all"."""
 
     @classmethod
     def build(cls, *, targets, top_k: int, encoding: str, logprob_bits: int, compression: str, vocab_size: int,
               hidden_layers: list[HiddenLayer], samples: int, sample_temperature: float, seed: int, batch_size: int,
-              shard_size: int, world_size: int, log_norm_temperatures=()) -> "Capture":
+              shard_size: int, world_size: int, log_norm_temperatures=(), positions: str = "all") -> "Capture":
         """The writer's capture: settings that do not apply to the stored kinds and encoding are left out."""
         topk, sampled, compact = "topk" in targets, "sampled" in targets, encoding == "compact"
         return cls(targets=tuple(targets), top_k=top_k if topk else 0, encoding=encoding, compression=compression,
@@ -121,7 +125,8 @@ class Capture:
                    logprob_bits=logprob_bits if compact and topk else None, samples=samples if sampled else 0,
                    sample_temperature=sample_temperature if sampled else 1.0, seed=seed if sampled else None,
                    count_bits=bits_for(samples - 1) if compact and sampled else None,
-                   log_norm_temperatures=tuple(float(t) for t in log_norm_temperatures) if topk else ())
+                   log_norm_temperatures=tuple(float(t) for t in log_norm_temperatures) if topk else (),
+                   positions=positions)
 
     # --- derived: written for people, never stored independently
     @property
@@ -143,6 +148,11 @@ class Capture:
         return sample_weights_stored(self.targets, self.sample_temperature)
 
     @property
+    def trained_only(self) -> bool:
+        """Targets and hidden states are stored only at trained positions (loss_mask 1)."""
+        return self.positions == "trained"
+
+    @property
     def hidden_indices(self) -> list[int]:
         return [x.index for x in self.hidden_layers]
 
@@ -152,13 +162,16 @@ class Capture:
     def schema(self, seq_len: int, version: int | None = None) -> pa.Schema:
         """The Arrow schema of every shard of this capture (in format `version`)."""
         return window_schema(seq_len, self.token_dtype, self.targets, self.top_k, self.encoding, self.count_dtype,
-                             self.stores_weights, version, log_norms=len(self.log_norm_temperatures))
+                             self.stores_weights, version, log_norms=len(self.log_norm_temperatures),
+                             positions=self.positions)
 
     def to_json(self) -> dict:
         d = {"targets": list(self.targets), "top_k": self.top_k, "temperature": self.temperature, "encoding": self.encoding,
              "compression": self.compression, "token_dtype": self.token_dtype,
              "hidden_layers": [x.to_json() for x in self.hidden_layers], "batch_size": self.batch_size,
              "shard_size": self.shard_size, "world_size": self.world_size}
+        if self.trained_only:  # absent: "all" (what every older manifest means)
+            d["positions"] = self.positions
         topk, sampled, compact = "topk" in self.targets, "sampled" in self.targets, self.encoding == "compact"
         if topk:
             d["logprob_dtype"] = self.logprob_dtype

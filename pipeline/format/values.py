@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from ..common.errors import FormatError
 from .bitpack import unpack_bits
+from .schema import TARGET_COLUMNS
 
 # float16 rounding of stored log-probs may lift a top-k mass a little above 1; a real teacher never goes further.
 MASS_TOLERANCE = 1e-2
@@ -66,12 +67,27 @@ def check_values(shard, kinds=None) -> None:
     valid = int(mask.sum())
     if shard.record.valid_tokens is not None and valid != shard.record.valid_tokens:
         fail("loss_mask", f"{valid} valid tokens but the manifest says {shard.record.valid_tokens}")
+    if ds.capture.trained_only:
+        _check_counts(shard, fail, mask.sum(1).astype(np.int64))
     _logprobs(fail, "target_logprob", col("target_logprob").astype(np.float32))
     for kind in kinds if kinds is not None else ds.target_kinds:
         if kind == "topk":
             _check_topk(shard, fail)
         elif kind == "sampled":
             _check_sampled(shard, fail)
+
+
+def _check_counts(shard, fail, trained: np.ndarray) -> None:
+    """Targets stored only where trained: every target column holds, per window, one entry per loss_mask 1.
+    trained (W,): the windows' counts of loss_mask 1."""
+    for name in TARGET_COLUMNS:
+        if name in shard.table.column_names:
+            lengths = shard.stored_counts(name)
+            bad = lengths != trained
+            if bad.any():
+                w = int(np.argmax(bad))
+                fail(name, f"window {w} holds {int(lengths[w])} entries but its loss_mask marks {int(trained[w])} trained "
+                           "positions (targets are stored once per trained position)")
 
 
 def _check_blobs(shard, fail, name: str, values_per_row: np.ndarray, bits: int) -> None:
@@ -87,8 +103,9 @@ def _check_topk(shard, fail) -> None:
     ds, cap, T = shard.dataset, shard.dataset.capture, shard.dataset.seq_len
     K, V = ds.top_k, ds.vocab_size
     slack = 1.0
+    stored = shard.stored_mask()  # (W, T): positions that hold targets
     if cap.encoding == "compact":
-        per_row = np.full(shard.windows, T * K, np.int64)
+        per_row = stored.sum(1).astype(np.int64) * K
         _check_blobs(shard, fail, "topk_ids_packed", per_row, cap.id_bits)
         _check_blobs(shard, fail, "topk_logprobs_packed", per_row, cap.logprob_bits)
         hi = shard.column("topk_logprob_hi").astype(np.float32)
@@ -107,12 +124,12 @@ def _check_topk(shard, fail) -> None:
     lp_name = "topk_logprobs" if cap.encoding == "exact" else "topk_logprobs_packed"
     _ids_in_vocab(fail, name, ids, V)
     _logprobs(fail, lp_name, lp)
-    bad = (lp[..., 1:] > lp[..., :-1]).any(-1)
+    bad = (lp[..., 1:] > lp[..., :-1]).any(-1) & stored
     if bad.any():
         fail(lp_name, f"not sorted most probable first at {_first(bad)}")
     if K > 1:
         s = np.sort(ids, axis=-1)
-        bad = (s[..., 1:] == s[..., :-1]).any(-1)
+        bad = (s[..., 1:] == s[..., :-1]).any(-1) & stored
         if bad.any():
             fail(name, f"an id stored twice at {_first(bad)}")
     mass = np.exp(lp.astype(np.float64)).sum(-1)  # (W, T)
@@ -143,8 +160,9 @@ def _check_log_norm(shard, fail, V: int) -> None:
 def _check_sampled(shard, fail) -> None:
     ds, cap = shard.dataset, shard.dataset.capture
     N, V = cap.samples, ds.vocab_size
-    n = shard.column("sample_n").astype(np.int64)  # (W, T)
-    bad = (n < 1) | (n > min(N, V))
+    n = shard.column("sample_n").astype(np.int64)  # (W, T); 0 where a "trained" dataset stores no targets
+    stored = shard.stored_mask()  # (W, T)
+    bad = ((n < 1) | (n > min(N, V))) & stored
     if bad.any():
         fail("sample_n", f"{int(n[bad][0])} unique ids at {_first(bad)}, expected 1..{min(N, V)}")
     per_row = n.sum(1)  # (W,)
@@ -172,12 +190,14 @@ def _check_sampled(shard, fail) -> None:
         fail(names[0], f"token id {int(flat_ids.max())} is outside the vocabulary of {V}")
     if flat_counts.size and int(flat_counts.min()) < 1:
         fail(names[1], "a count of 0 (only drawn ids are stored)")
-    starts = np.concatenate([[0], np.cumsum(n.reshape(-1))[:-1]])  # first entry of each position
+    where = np.argwhere(stored)  # (P, 2) the stored positions in order: (window, position)
+    starts = np.concatenate([[0], np.cumsum(n[stored])[:-1]])  # first entry of each stored position
     sums = np.add.reduceat(flat_counts, starts) if flat_counts.size else np.zeros(0, np.int64)
     bad = sums != N
     if bad.any():
         p = int(np.argmax(bad))
-        fail(names[1], f"counts add up to {int(sums[p])} at window {p // ds.seq_len}, position {p % ds.seq_len}, expected capture.samples = {N}")
+        fail(names[1], f"counts add up to {int(sums[p])} at window {int(where[p][0])}, position {int(where[p][1])}, "
+                       f"expected capture.samples = {N}")
     step = np.diff(flat_ids)
     new_position = np.zeros(len(flat_ids), bool)
     new_position[starts] = True

@@ -34,21 +34,24 @@ def verify_shard(ds: Dataset, i: int) -> None:
     check_values(shard)
     check_layout(shard)
     T = ds.seq_len
+    where = np.argwhere(shard.stored_mask()) if ds.hidden_layers else None  # (rows, 2): (window, position) of each row
     for layer in ds.hidden_layers:
         arr = shard.hidden(layer)
         width = ds.capture.hidden_width(layer)
-        if arr.shape != (shard.windows * T, width):
-            raise FormatError(f"shard {shard.name}: layer {layer} has shape {arr.shape}, expected {(shard.windows * T, width)}")
+        expected = (shard.hidden_rows_count(), width)  # windows * T, or the trained positions only
+        if arr.shape != expected:
+            raise FormatError(f"shard {shard.name}: layer {layer} has shape {arr.shape}, expected {expected}")
         for start in range(0, arr.shape[0], 64 * T):  # a few windows at a time: memory stays small
             try:
                 block = np.asarray(arr[start : start + 64 * T])
             except Exception as e:  # the metadata passed its checks; a chunk zarr cannot decode is a damaged file
-                raise FormatError(f"{shard.where(f'{shard.name}.zarr/layer_{layer}')}: zarr cannot read windows from "
-                                  f"{start // T} ({type(e).__name__}: {' '.join(str(e).split())[:150]})")
+                raise FormatError(f"{shard.where(f'{shard.name}.zarr/layer_{layer}')}: zarr cannot read rows from "
+                                  f"{start} ({type(e).__name__}: {' '.join(str(e).split())[:150]})")
             if np.isnan(block).any():
                 row = start + int(np.argwhere(np.isnan(block))[0][0])
+                w, t = (int(x) for x in where[row])
                 raise FormatError(f"{shard.where(f'{shard.name}.zarr/layer_{layer}')}: NaN hidden state at window "
-                                  f"{row // T}, position {row % T}; the dataset was written wrong or altered")
+                                  f"{w}, position {t}; the dataset was written wrong or altered")
 
 
 def verify_dataset(url, progress=None, **open_options) -> Dataset:

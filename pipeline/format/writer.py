@@ -45,6 +45,7 @@ class ShardWriter:
         hidden_widths: dict[int, int] | None = None,
         windows_per_zarr_shard: int = 8,
         compression: str = "none",
+        trained_only: bool = False,
     ):
         self.root, self.name, self.schema = Path(root), shard_name(index), schema
         self.n_windows, self.seq_len = n_windows, seq_len
@@ -59,15 +60,23 @@ class ShardWriter:
         self._stats: dict[str, list[float]] = {}
         self._zarr_tmp = None
         self._zarr_arrays = {}
+        # trained_only: hidden states of trained positions only (loss_mask 1), appended in (window, position) order.
+        # They are buffered and written one whole zarr shard at a time, the array growing as it goes, so zarr never
+        # rewrites a shard file; the last, partial one at finish().
+        self.trained_only = trained_only
+        self._pending: dict[int, list[np.ndarray]] = {}
+        self._hidden_rows = 0
         if hidden_widths:
             import zarr
             from zarr.codecs import ZstdCodec
 
             self._zarr_tmp = tmp_name(self.zarr_path)
             group = zarr.open_group(str(self._zarr_tmp), mode="w", zarr_format=3)
-            tokens = n_windows * seq_len
+            tokens = 0 if trained_only else n_windows * seq_len
             per_shard = max(1, min(windows_per_zarr_shard, n_windows)) * seq_len
+            self._zarr_block = per_shard
             for layer, width in hidden_widths.items():
+                self._pending[layer] = []
                 self._zarr_arrays[layer] = group.create_array(
                     name=f"layer_{layer}",
                     shape=(tokens, width),
@@ -103,11 +112,32 @@ class ShardWriter:
             else:
                 cols.append(_fixed_lists(arr, *arr.shape[1:]).cast(field.type))
         self._batches.append(pa.RecordBatch.from_arrays(cols, schema=self.schema))
-        if hidden:
+        if hidden and self.trained_only:
+            keep = np.asarray(rows["loss_mask"]).astype(bool).reshape(-1)  # (B*T,)
+            for layer, values in hidden.items():
+                self._pending[layer].append(np.asarray(values)[keep])
+            self._flush_hidden(final=False)
+        elif hidden:
             start = self._rows * self.seq_len
             for layer, values in hidden.items():
                 self._zarr_arrays[layer][start : start + len(values)] = values
         self._rows += n
+
+    def _flush_hidden(self, final: bool) -> None:
+        """Append the buffered trained-position hidden states, whole zarr shards only unless `final`."""
+        written = 0  # the same for every layer: each gets the same positions
+        for layer, parts in self._pending.items():
+            if not parts:
+                continue
+            buf = np.concatenate(parts)
+            cut = len(buf) if final else len(buf) // self._zarr_block * self._zarr_block
+            if cut:
+                arr, start = self._zarr_arrays[layer], self._hidden_rows
+                arr.resize((start + cut, arr.shape[1]))
+                arr[start : start + cut] = buf[:cut]
+            self._pending[layer] = [buf[cut:]] if cut < len(buf) else []
+            written = cut
+        self._hidden_rows += written
 
     def add_stat(self, name: str, total: float, count: int) -> None:
         """Accumulate a per-shard mean (e.g. top-k mass, reconstruction KL) recorded in the manifest."""
@@ -123,6 +153,8 @@ class ShardWriter:
             raise ValueError(f"shard {self.name} planned for {self.n_windows} windows, wrote {self._rows}")
         # One record batch per shard: a memory-mapped reader then gets every column as a single zero-copy numpy view.
         table = pa.Table.from_batches(self._batches, schema=self.schema).combine_chunks()
+        if self.trained_only:
+            self._flush_hidden(final=True)
         tmp = tmp_name(self.arrow_path)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema, options=self.ipc_options) as writer:
             writer.write_table(table, max_chunksize=max(1, table.num_rows))

@@ -73,8 +73,11 @@ def check_group_meta(meta, where: str) -> None:
         _fail(where, "is not a Zarr v3 group (expected zarr_format 3, node_type 'group')")
 
 
-def check_array_meta(meta, where: str, shape: tuple[int, int]) -> None:
-    """Raise FormatError unless `meta` (a parsed zarr.json) describes a float16 (tokens, width) array as distill writes."""
+def check_array_meta(meta, where: str, shape: tuple[int, int], max_chunk_rows: int = 0) -> None:
+    """Raise FormatError unless `meta` (a parsed zarr.json) describes a float16 (tokens, width) array as distill writes.
+
+    max_chunk_rows: a chunk may have this many rows even when the array has fewer (an array of trained positions only
+    is chunked by windows' worth of rows, T per chunk, whatever its length)."""
     if not isinstance(meta, dict):
         _fail(where, f"is a JSON {type(meta).__name__}, expected an object")
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
@@ -87,12 +90,13 @@ def check_array_meta(meta, where: str, shape: tuple[int, int]) -> None:
     if meta.get("data_type") != "float16":
         _fail(where, f"has data_type {meta.get('data_type')!r}, expected 'float16'")
     if meta.get("shape") != list(shape):
-        _fail(where, f"has shape {meta.get('shape')!r}, expected {list(shape)} (windows x seq_len, width)")
+        _fail(where, f"has shape {meta.get('shape')!r}, expected {list(shape)} (stored positions, width)")
     grid = meta.get("chunk_grid")
     if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
         _fail(where, f"has chunk_grid {grid!r}, expected a regular grid")
     chunk = _check_shape(grid["configuration"].get("chunk_shape"), where, "chunk_shape")
-    if any(c > max(1, n) for c, n in zip(chunk, shape)):  # a chunk is allocated whole when read: bound it by the array
+    bounds = (max(1, shape[0], max_chunk_rows), max(1, shape[1]))
+    if any(c > b for c, b in zip(chunk, bounds)):  # a chunk is allocated whole when read: bound it by the array
         _fail(where, f"has chunk_shape {chunk}, larger than the array {list(shape)}")
     check_codecs(meta.get("codecs"), where)
     for codec in meta["codecs"]:

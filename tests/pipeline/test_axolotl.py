@@ -64,7 +64,11 @@ def test_round_trip_gives_the_same_training_batches(dataset, exported_full, tmp_
         for x, y in zip(original, imported):
             assert x.keys() == y.keys()
             for key in x:
-                if isinstance(x[key], torch.Tensor):
+                if key.startswith("teacher_"):  # the import stores targets only where trained (format 2): equal there
+                    mask = x["loss_mask"]
+                    assert torch.equal(x[key][mask], y[key][mask]), key
+                    assert not mask.all() or torch.equal(x[key], y[key]), key
+                elif isinstance(x[key], torch.Tensor):
                     assert torch.equal(x[key], y[key]), key
                 else:
                     assert x[key] == y[key], key
@@ -164,6 +168,36 @@ def test_import_of_chat_rows_from_another_team(tmp_path, tokenizer_dir):
     assert batch["teacher_logprobs"][0, t, 3].item() == float("-inf")
     assert batch["labels"][0, 2].item() == r0["input_ids"][3]  # position t is trained on token t+1
     assert batch["input_ids"][2, 5:].eq(open_dataset(str(out)).manifest.tokenizer.pad_token_id).all()
+    # format 2: targets stored only at the trained positions, one entry per loss_mask 1 of each window
+    shard = open_dataset(str(out)).shards[0]
+    assert shard.dataset.capture.positions == "trained"
+    np.testing.assert_array_equal(shard.stored_counts("topk_ids"), shard.column("loss_mask").sum(1))
+    assert shard.stored_counts("topk_ids").tolist() == [4, 9]  # rows of 7 and 12 tokens: first 2 and last untrained
+
+
+def test_round_trip_of_a_packed_dataset_with_untrained_positions(teacher_dir, corpus_dir, tmp_path):
+    """A packed capture (padding untrained, targets stored only where trained) exports and imports back to the same
+    inputs, labels, masks and teacher targets at every trained position (axolotl rows carry no position ids)."""
+    from pipeline.config import PrecomputeConfig
+    from pipeline.precompute import precompute
+
+    src, out, back = tmp_path / "ds", tmp_path / "axo", tmp_path / "back"
+    precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(src), seq_len=T, top_k=K,
+                                max_tokens=200, progress=False))
+    assert open_dataset(str(src)).capture.positions == "trained"
+    export_axolotl(str(src), str(out), logprobs="full")
+    import_axolotl(str(out), str(back), str(out / "tokenizer"))
+    verify_dataset(str(back))
+    original, imported = batches(src, shuffle=False), batches(back, shuffle=False)
+    assert len(original) == len(imported) > 0
+    assert not all(x["loss_mask"].all() for x in original)  # padding: untrained positions exist
+    for x, y in zip(original, imported):
+        mask = x["loss_mask"]
+        for key in ("labels", "loss_mask"):
+            assert torch.equal(x[key], y[key]), key
+        for key in ("input_ids", "teacher_ids", "teacher_logprobs"):  # inputs: the export puts an example's last label
+            # back as the next token (rows carry no position ids), so padding inputs may differ
+            assert torch.equal(x[key][mask], y[key][mask]), key
 
 
 def test_refusals(dataset, exported_full, tmp_path, tokenizer_dir):

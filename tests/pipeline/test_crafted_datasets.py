@@ -102,19 +102,33 @@ def rewrite_shard(fn, shard: str = "00000"):
 
 
 def replace_column(name: str, fn):
-    """Change the values of a fixed-size-list column (numpy in, numpy out, same shape and dtype)."""
+    """Change the values of a fixed-size-list column (numpy in, numpy out, same shape and dtype). A target column stored
+    only at trained positions (format 2: a list of one entry per loss_mask 1) is handed to `fn` at its positions,
+    (windows, T[, K]), and only its trained positions are written back."""
     def change(table: pa.Table) -> pa.Table:
         arr = table.column(name).combine_chunks()
         t, shape = arr.type, [len(arr)]
+        stored = offsets = None
+        if pa.types.is_list(arr.type):
+            stored = np.stack(table.column("loss_mask").to_numpy(zero_copy_only=False)).astype(bool)  # (W, T)
+            offsets, arr, shape = arr.offsets, arr.flatten(), [len(arr.flatten())]
         types = []
         while pa.types.is_fixed_size_list(arr.type):
             shape.append(arr.type.list_size)
             types.append(arr.type)
             arr = arr.flatten()
-        values = fn(arr.to_numpy(zero_copy_only=False).reshape(shape).copy())
+        values = arr.to_numpy(zero_copy_only=False).reshape(shape).copy()
+        if stored is None:
+            values = fn(values)
+        else:
+            dense = np.zeros(stored.shape + values.shape[1:], values.dtype)
+            dense[stored] = values
+            values = fn(dense)[stored]
         out = pa.array(values.reshape(-1), type=arr.type)
         for typ in reversed(types):
             out = pa.FixedSizeListArray.from_arrays(out, typ.list_size)
+        if offsets is not None:
+            out = pa.ListArray.from_arrays(offsets, out)
         return table.set_column(table.schema.get_field_index(name), pa.field(name, t), out)
     return change
 
@@ -124,6 +138,29 @@ def set_at(index, value):
         a[index] = value
         return a
     return fn
+
+
+def drop_target(name: str, window: int):
+    """Format 2 stores one target entry per trained position: remove the last one of `window` from column `name`."""
+    def change(table: pa.Table) -> pa.Table:
+        arr = table.column(name).combine_chunks()
+        rows = arr.to_pylist()
+        rows[window] = rows[window][:-1]
+        return table.set_column(table.schema.get_field_index(name), pa.field(name, arr.type), pa.array(rows, arr.type))
+    return change
+
+
+def move_trained_position(table: pa.Table) -> pa.Table:
+    """A loss_mask 1 moved to another window (the total, and so the manifest's count, unchanged): the targets stored
+    for both windows no longer match their loss_mask counts."""
+    arr = table.column("loss_mask").combine_chunks()
+    mask = arr.flatten().to_numpy().reshape(len(arr), -1).copy()  # (W, T)
+    w, t = np.argwhere(mask == 0)[0]  # the first untrained position
+    other = 0 if w != 0 else 1
+    assert mask[other, 0] == 1
+    mask[w, t], mask[other, 0] = 1, 0
+    new = pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), mask.shape[1])
+    return table.set_column(table.schema.get_field_index("loss_mask"), pa.field("loss_mask", arr.type), new)
 
 
 def shorter_lists(table: pa.Table) -> pa.Table:
@@ -257,6 +294,15 @@ CASES = {
     "arrow list length": (rewrite_shard(shorter_lists), "00000.arrow", r"columns differ from the manifest schema", True),
     "sampled list length": (rewrite_shard(extra_sample), "00000.arrow", r"sample_ids: window 0 holds \d+ values but its sample_n", False),
     "arrow row count": (rewrite_shard(lambda t: t.slice(0, 7)), "00000.arrow", r"holds 7 windows but the manifest says 8", False),
+    # format 2 stores targets only where loss_mask is 1: one entry per trained position of each window
+    "top-k targets one short": (rewrite_shard(drop_target("topk_ids", 1)), "00000.arrow",
+                                r"topk_ids: window 1 holds (\d+) entries but its loss_mask marks (?!\1)\d+ trained positions", False),
+    "sample counts one short": (rewrite_shard(drop_target("sample_n", 2)), "00000.arrow",
+                                r"sample_n: window 2 holds (\d+) entries but its loss_mask marks (?!\1)\d+ trained positions", False),
+    "loss mask moved": (rewrite_shard(move_trained_position, "00002"), "00002.arrow",
+                        r"target_logprob: window \d+ holds (\d+) entries but its loss_mask marks (?!\1)\d+ trained positions", False),
+    "hidden rows not the trained count": (edit_layer(lambda z: z.__setitem__("shape", [z["shape"][0] + 16, z["shape"][1]])),
+                                          "zarr.json", r"has shape \[(\d+), \d+\], expected \[(?!\1)\d+, \d+\] \(stored positions, width\)", True),
     # tokenizer
     "tokenizer auto_map": (edit_json("tokenizer/tokenizer_config.json", lambda c: c.__setitem__("auto_map", {"AutoTokenizer": ["evil.Tok", None]})),
                            "tokenizer_config.json", r"asks for remote code", True),

@@ -75,18 +75,30 @@ def test_compact_is_smaller_and_its_fidelity_is_recorded(pair):
         assert {"topk_mass", "recon_kl", "sample_unique", "sample_mass", "sample_rkl"} <= set(rec["stats"])
 
 
-def test_independent_reader_from_format_doc_decodes_a_compact_shard(pair):
-    _, compact, _, _ = pair
+@pytest.mark.parametrize("packing", [True, False])
+def test_independent_reader_from_format_doc_decodes_a_compact_shard(pair, packing, tmp_path, teacher_dir, corpus_dir):
+    compact = pair[1]
+    if not packing:  # short texts, one per window: padding (loss_mask 0, no targets stored) in every window
+        short = tmp_path / "short"
+        short.mkdir()
+        for i in range(7):
+            (short / f"{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 3))
+        compact = tmp_path / "unpacked"
+        capture(teacher_dir, short, compact, targets="both", encoding="compact", packing=False)
     block = next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if "unpack(" in b)
     scope: dict = {}
     exec(block.replace('root = "DATASET"', f'root = "{compact}"'), scope)
     shard = open_dataset(compact).shards[0]
+    stored = shard.stored_mask()
+    assert shard.dataset.capture.positions == "trained" and stored.any()
+    assert packing or not stored.all()
     ids, lp = shard.sparse_targets("topk")
-    np.testing.assert_array_equal(scope["topk_ids"], ids)
-    np.testing.assert_allclose(scope["topk_logprobs"], lp, atol=1e-6)
+    np.testing.assert_array_equal(scope["topk_ids"][stored], ids[stored])
+    np.testing.assert_allclose(scope["topk_logprobs"][stored], lp[stored], atol=1e-6)
     sids, slp = shard.sparse_targets("sampled")
     for w, positions in enumerate(scope["samples"]):
         for t, (pid, pc) in enumerate(positions):
+            assert len(pid) == (int(shard.column("sample_n")[w, t]) if stored[w, t] else 0)
             np.testing.assert_array_equal(pid, sids[w, t, : len(pid)])
             np.testing.assert_allclose(np.log(pc / N), slp[w, t, : len(pc)], atol=1e-6)
 

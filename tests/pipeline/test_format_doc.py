@@ -25,16 +25,29 @@ def test_format_doc_example_reads_a_dataset(tmp_path, teacher_dir, corpus_dir):
                                 hidden_layers=[-1], max_tokens=300, temperatures=[1, 2], progress=False))
     scope: dict = {}
     exec(doc_example().replace('root = "DATASET"', f'root = "{out}"'), scope)
-    shard = open_dataset(out).shards[0]
-    np.testing.assert_array_equal(scope["ids"], shard.column("topk_ids"))
-    np.testing.assert_array_equal(scope["mask"], shard.column("loss_mask").astype(bool))
-    np.testing.assert_array_equal(scope["pos"], shard.column("position_ids"))  # version 2: restart at each example
+    ds = open_dataset(out)
+    shard = ds.shards[0]
+    assert ds.capture.positions == "trained"  # packed text: padding positions store no targets
+    mask = shard.column("loss_mask").astype(bool)
+    assert not mask.all() and mask.any()
+    np.testing.assert_array_equal(scope["mask"], mask)
     assert scope["ids"].shape[1:] == (16, 5)
-    assert (scope["tail"] >= 0).all() and (scope["tail"] <= 1).all()
-    np.testing.assert_array_equal(scope["first_window"], shard.hidden(2)[:16])
+    # the doc's scatter (entry j of a window = its j-th trained position) agrees with the reader's at every trained position
+    np.testing.assert_array_equal(scope["ids"][mask], shard.column("topk_ids")[mask])
+    np.testing.assert_array_equal(scope["ids"][~mask], 0)
+    table = shard.table
+    np.testing.assert_array_equal(np.diff(table.column("topk_ids").combine_chunks().offsets.to_numpy()), mask.sum(1))
+    np.testing.assert_array_equal(scope["pos"], shard.column("position_ids"))  # version 2: restart at each example
+    tail = scope["tail"][mask]
+    assert (tail >= 0).all() and (tail <= 1).all()
+    first = shard.hidden_windows(2, [0])[0]  # (T, width), 0 at positions without targets
+    np.testing.assert_array_equal(scope["first_window"], first)
+    np.testing.assert_array_equal(scope["first_window"][mask[0]], shard.hidden(2)[: int(mask[0].sum())])
+    assert shard.hidden(2).shape[0] == int(mask.sum())  # hidden states only at the trained positions
     # tempered at T = 2 with the stored log-normalizer: p_T over the stored ids plus the tempered tail is a distribution
-    lp = shard.column("topk_logprobs").astype(np.float32)
-    np.testing.assert_allclose(scope["tempered"], lp / 2 - shard.log_norm(2.0)[..., None], rtol=1e-6)
-    mass = np.exp(scope["tempered"]).sum(-1)
-    assert (scope["tempered_tail"] > 0).all() and (mass < np.exp(lp).sum(-1)).all()  # flatter at T = 2: more in the tail
-    np.testing.assert_allclose(mass + scope["tempered_tail"], 1, atol=1e-5)
+    lp = shard.column("topk_logprobs").astype(np.float32)[mask]  # (P, K)
+    tempered, tempered_tail = scope["tempered"][mask], scope["tempered_tail"][mask]
+    np.testing.assert_allclose(tempered, lp / 2 - shard.log_norm(2.0)[mask][..., None], rtol=1e-6)
+    mass = np.exp(tempered).sum(-1)
+    assert (tempered_tail > 0).all() and (mass < np.exp(lp).sum(-1)).all()  # flatter at T = 2: more in the tail
+    np.testing.assert_allclose(mass + tempered_tail, 1, atol=1e-5)

@@ -26,7 +26,7 @@ def recipe() -> str:
 def dataset(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
     out = tmp_path_factory.mktemp("query") / "ds"
     precompute(PrecomputeConfig(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(out), seq_len=16, top_k=5,
-                                shard_size=8, max_tokens=16 * 20, progress=False))
+                                shard_size=8, max_tokens=16 * 20 - 3, progress=False))  # the last window padded
     return out
 
 
@@ -49,10 +49,14 @@ def test_querying_recipe(dataset):
     ds = open_dataset(dataset)
     assert len(ds.shards) == 3
     np.testing.assert_array_equal(scope["first"].column("window_index").to_numpy(), np.arange(5))
-    logprob = np.concatenate([s.column("target_logprob") for s in (ds.open_shard(i) for i in range(len(ds.shards)))])
+    shards = [ds.open_shard(i) for i in range(len(ds.shards))]
+    assert ds.capture.positions == "trained"  # packed text with padding: targets only where loss_mask is 1
+    stored = [s.stored_mask() for s in shards]  # (W, T) each
+    assert not all(m.all() for m in stored)
+    logprob = np.concatenate([s.column("target_logprob")[m] for s, m in zip(shards, stored)])  # the stored values only
     if have["polars"]:
         assert scope["mean_logprob"] == pytest.approx(float(logprob.astype(np.float64).mean()), rel=1e-5)
-    if have["polars"] and have["duckdb"]:
-        top = np.concatenate([s.column("topk_logprobs")[:, 0, 0] for s in (ds.open_shard(i) for i in range(len(ds.shards)))])
+    if have["polars"] and have["duckdb"]:  # rank 1 at each window's first stored position
+        top = np.concatenate([s.column("topk_logprobs")[np.arange(s.windows), m.argmax(1), 0] for s, m in zip(shards, stored)])
         assert scope["windows"] == ds.windows == 20
         assert scope["top1"] == pytest.approx(float(top.astype(np.float64).mean()), rel=1e-5)

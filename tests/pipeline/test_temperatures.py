@@ -44,7 +44,8 @@ def test_stored_log_norm_equals_an_independent_recomputation(tmp_path, teacher_d
     out = tmp_path / "ds"
     m = capture(teacher_dir, one_document, out, temperatures=[1.0, 2.0, 0.5], head_chunk=head_chunk)
     assert m["capture"]["log_norm_temperatures"] == [0.5, 2.0]  # ascending, 1 needs nothing
-    assert m["schema"]["log_norm"] == f"fixed_size_list<item: fixed_size_list<item: float>[2]>[{T}]"
+    assert m["capture"]["positions"] == "trained"  # the last window is padded: targets only where loss_mask is 1
+    assert m["schema"]["log_norm"] == "list<item: fixed_size_list<item: float>[2]>"  # one entry per trained position
     assert m["settings"]["log_norm_temperatures"] == [0.5, 2.0]
     verify_dataset(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
@@ -64,7 +65,8 @@ def test_stored_log_norm_equals_an_independent_recomputation(tmp_path, teacher_d
         checked += int(mask.sum())
     assert checked == ds.manifest.totals.valid_tokens > 0
     # the bounds: (1 - 1/T) log V at T = 2 is above every value, 0 below; at T = 0.5 the other way round
-    assert (stored[..., 1] > 0).all() and (stored[..., 0] < 0).all()
+    assert (stored[..., 1][mask] > 0).all() and (stored[..., 0][mask] < 0).all()
+    assert not mask.all() and (stored[~mask] == 0).all()  # nothing stored at the padding: it reads as 0
 
 
 def test_without_temperatures_nothing_changes(tmp_path, teacher_dir, one_document):
