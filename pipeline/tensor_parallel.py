@@ -4,9 +4,10 @@ Ranks [g*N, (g+1)*N) form group g (`pipeline.head.tp_groups`). Each group is its
 process group over its N ranks, on a prefix of torchrun's store), so transformers' tensor parallelism sees exactly the N
 processes that share the weights, and groups never wait on each other: like ranks today they coordinate only through
 the shard markers in the output folder. The group captures as rank g of world_size/N did (shard i -> group i % groups);
-its first rank (the writer) plans the work, reads the windows and writes; the others never touch `--out`, they
-receive the writer's capture settings and every batch (`send_settings`, `send` / `receive`) and run the same
-forward and targets in step, because each forward (and each chunk of the head) is a collective of the whole group. Called by `pipeline.precompute`.
+its first rank (the writer) plans the work, reads the windows and writes; the others never touch `--out`: they receive
+the writer's capture settings and every batch (`send_settings`, `send` / `receive`) and run the same forward and targets
+in step, because each forward (and each chunk of the head) is a collective of the whole group.
+Called by `pipeline.precompute`.
 """
 
 from __future__ import annotations
