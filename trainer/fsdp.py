@@ -204,13 +204,13 @@ def full_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def plain_student(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def plain_student(model: nn.Module, state: dict[str, torch.Tensor], trust_remote_code: bool = False) -> nn.Module:
     """An ordinary (unsharded) copy of the student holding `state`, built without allocating weights twice, for
     save_pretrained."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     plain.load_state_dict(state, assign=True, strict=True)
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = model.generation_config

@@ -248,7 +248,8 @@ def train(cfg: TrainConfig) -> dict:
     full = full_state_dict(model, rank) if cfg.fsdp else None  # --fsdp: gathered on rank 0 (every rank takes part)
     if rank == 0:  # the student alone in OUT/model/ (what to upload), with a model card; checkpoints stay outside it
         card = model_card(asdict(cfg), dataset_identity(ds), final, total_steps, sum(p.numel() for p in model.parameters()))
-        save_final_model(out, plain_student(model, full) if cfg.fsdp else model, dataset_tokenizer(ds), card)
+        student = plain_student(model, full, cfg.trust_remote_code) if cfg.fsdp else model
+        save_final_model(out, student, dataset_tokenizer(ds), card)
         if report:
             report.close()
         write_json_atomic(out / RUN, {

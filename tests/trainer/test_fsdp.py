@@ -28,7 +28,7 @@ SAME_MATH = dict(batch_size=8, steps=STEPS, hidden_weight=0.5, warmup=1)  # proj
 def torchrun(out: Path, dataset_dir, student_config, *extra: str, popen: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer.cli",
            "train", *cli_args(dataset_dir, student_config, out, fsdp=True, grad_accum=3, save_every=SAVE_EVERY,
-                              gradient_checkpointing=True, **SAME_MATH), *extra]
+                              gradient_checkpointing=True, eval_data=dataset_dir, eval_every=2, **SAME_MATH), *extra]
     if popen:  # its own session: the SIGKILL goes to the launcher and both ranks
         return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, start_new_session=True)
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -44,9 +44,12 @@ def fsdp_run(tmp_path_factory, dataset_dir, student_config) -> Path:
 
 
 @pytest.mark.slow
-def test_two_fsdp_ranks_train_like_one_process(fsdp_run, run_train, tmp_path):
-    single, single_out = run_train(out=tmp_path / "single", grad_accum=6, **SAME_MATH)
+def test_two_fsdp_ranks_train_like_one_process(fsdp_run, run_train, tmp_path, dataset_dir):
+    single, single_out = run_train(out=tmp_path / "single", grad_accum=6, eval_data=str(dataset_dir), **SAME_MATH)
     assert_same_weights(fsdp_run, single_out, exact=False)  # rtol 1e-4, atol 1e-5: only the summation order differs
+    fsdp_eval = [x["eval"] for x in map(json.loads, (fsdp_run / "metrics.jsonl").read_text().splitlines()) if "eval" in x]
+    assert [x["tokens"] for x in fsdp_eval] == [single["eval"]["tokens"]] * 2  # at step 2 and at the end, all windows
+    assert fsdp_eval[-1]["ce"] == pytest.approx(single["eval"]["ce"], rel=1e-5)  # each rank evaluates the gathered student
     for a, b in zip(train_lines(fsdp_run), train_lines(single_out)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     ckpt = fsdp_run / "checkpoints" / f"step-{STEPS:06d}"
@@ -97,6 +100,9 @@ def test_fsdp_without_torchrun_runs_one_way_like_the_plain_path(run_train, tmp_p
     assert (out / "checkpoints" / "step-000002" / "shards" / "rank-00000-of-00001.safetensors").is_file()
     with pytest.raises(UserError, match="--fsdp: True -> False"):  # a sharded run is resumed by --fsdp only
         run_train(out=out, resume=True, **kw)
+    again, _ = run_train(out=out, resume=True, fsdp=True, **kw)  # finished: no step, the final evaluation again
+    assert again["eval"] == sharded["eval"]
+    assert_same_weights(out, plain_out, exact=False)
 
 
 def test_fsdp_bfloat16_tied_student_keeps_float32_master_weights(run_train, tmp_path):
