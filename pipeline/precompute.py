@@ -449,6 +449,8 @@ def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1
     """
     manifest_path, progress = out / MANIFEST, out / PROGRESS_DIR
     refuse_links(out)  # never write through a link (e.g. `shards` pointing elsewhere)
+    # judged before looking for settings.json: another rank may record its settings in between, and once there they stay
+    foreign = any(out.iterdir()) and not only_leftovers(out, (PROGRESS_DIR, SHARDS_DIR))
     previous = None
     if manifest_path.exists():
         try:
@@ -464,7 +466,7 @@ def prepare_output(out: Path, settings: dict, rank: int = 0, world_size: int = 1
         except ValueError:
             raise UserError(f"--out {out}: {PROGRESS_DIR}/settings.json is not valid JSON; delete the folder's contents or "
                             "choose another --out")
-    elif any(out.iterdir()) and not only_leftovers(out, (PROGRESS_DIR, SHARDS_DIR)):
+    elif foreign:
         raise UserError(f"--out {out} is not empty and holds no distill dataset; choose an empty or new folder")
     else:
         old = None
