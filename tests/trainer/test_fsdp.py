@@ -25,13 +25,39 @@ STEPS, SAVE_EVERY = 4, 1
 SAME_MATH = dict(batch_size=8, steps=STEPS, hidden_weight=0.5, warmup=1)  # projections sharded and checkpointed too
 
 
-def torchrun(out: Path, dataset_dir, student_config, *extra: str, popen: bool = False):
+def torchrun(out: Path, dataset_dir, student_config, *extra: str, log: Path | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer.cli",
            "train", *cli_args(dataset_dir, student_config, out, fsdp=True, grad_accum=3, save_every=SAVE_EVERY,
                               gradient_checkpointing=True, eval_data=dataset_dir, eval_every=2, **SAME_MATH), *extra]
-    if popen:  # its own session: the SIGKILL goes to the launcher and both ranks
-        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, start_new_session=True)
+    if log:  # started, not waited for; stderr to a file (a pipe nobody reads could fill and block the ranks)
+        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def workers(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (/proc): torchrun's ranks, each started in a session of its own, so a
+    process-group kill would miss them."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its ranks at once, and wait until the ranks are gone."""
+    ranks = workers(proc.pid)
+    for pid in [proc.pid] + ranks:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+              for pid in ranks):
+        assert time.time() < deadline, "a killed rank is still running"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +96,18 @@ def test_two_fsdp_ranks_train_like_one_process(fsdp_run, run_train, tmp_path, da
 @pytest.mark.slow
 def test_fsdp_sigkill_and_resume_gives_the_uninterrupted_weights(fsdp_run, tmp_path, dataset_dir, student_config):
     out = tmp_path / "killed"
-    proc = torchrun(out, dataset_dir, student_config, "--step-sleep", "0.5", popen=True)
+    log = tmp_path / "killed.log"
+    proc = torchrun(out, dataset_dir, student_config, "--step-sleep", "0.5", log=log)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-000001").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_all(proc)
             pytest.fail("the torchrun run wrote no checkpoint within 120 s")
         time.sleep(0.05)
     time.sleep(0.6)  # into the next step, possibly mid-save
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert len(workers(proc.pid)) == 2
+    kill_all(proc)
     assert not (out / "run.json").exists()  # it really died before the end
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert 1 <= saved[-1] < STEPS
