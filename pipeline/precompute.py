@@ -212,8 +212,8 @@ def _precompute(cfg: PrecomputeConfig, out: Path | None, held: list[int], remote
         plan = plan_windows(np.diff(offsets), cfg.seq_len, cfg.packing, cfg.long_examples, pstats)
         n_windows = plan.windows
         build = lambda b, nb: make_windows(tokens, trained, offsets, plan, b, nb, pad_id)
-    if not (stream and bool(trained[1:].all())):  # targets only where the student learns (format 2, capture.positions);
-        capture = replace(capture, positions="trained")  # at every position only in a fully trained stream (format 1's shape)
+    if not every_position_trained(trained, offsets, stream, pstats.padding):  # format 2: targets only where trained
+        capture = replace(capture, positions="trained")  # (capture.positions; docs/FORMAT.md)
     n_shards = -(-n_windows // cfg.shard_size)
     mine = [s for s in range(n_shards) if s % cfg.world_size == cfg.rank and not (progress_dir / f"shard-{shard_name(s)}.json").exists()]
 
@@ -308,6 +308,18 @@ LAYOUTS = {
               "example, so none sees another; the rest of a window padded; longer examples split or truncated",
     "unpacked": "each example starts its own window, the rest padded; longer examples split or truncated",
 }
+
+
+def every_position_trained(trained: np.ndarray, offsets: np.ndarray, stream: bool, padding: int) -> bool:
+    """Whether every position of every window is trained, so targets are stored at every position (`capture.positions`
+    "all", the bytes of format 1): every label token trained (an example's first token is never a label; in one stream
+    only the stream's first), and no padding except, in the stream layout, at the end of the last window."""
+    flags = trained.astype(bool).copy()  # (N,)
+    flags[:1] = True
+    if not stream:
+        starts = np.asarray(offsets[:-1], dtype=np.int64)
+        flags[starts[starts < len(flags)]] = True
+    return bool(flags.all()) and (stream or padding == 0)
 
 
 def layout_of(cfg: PrecomputeConfig) -> str:

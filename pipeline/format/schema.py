@@ -15,7 +15,7 @@ SHARDS_DIR = "shards"
 PROGRESS_DIR = "_progress"  # work-in-progress markers; removed once the manifest is written
 SHARD_NAME_DIGITS = 5
 # Where targets are stored (`capture.positions`): "all" = at every position of a window (fixed-size [T] lists; version
-# 1, and version 2 when every position but the last window's end is trained), "trained" = only where loss_mask is 1
+# 1, and version 2 when every position is trained, but a stream's last window end), "trained" = only where loss_mask is 1
 # (version 2): a window's row holds one entry per trained position, in position order (docs/FORMAT.md).
 POSITIONS = ("all", "trained")
 # The columns with one value per position that are targets: in "trained" datasets they hold trained positions only.

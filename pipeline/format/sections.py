@@ -110,7 +110,7 @@ class Capture:
     not written, when none was asked for (and in datasets written before it existed)."""
     positions: str = "all"
     """Where targets (and hidden states) are stored: "all" = at every position of every window (format version 1, and
-    version 2 when every position but the end of the last window is trained), "trained" = only at positions whose
+    version 2 when every position is trained, but the end of the last window of a stream), "trained" = only at positions whose
     loss_mask is 1 (version 2; docs/FORMAT.md, "Targets only where trained"). Absent in older manifests: "all"."""
 
     @classmethod

@@ -53,6 +53,29 @@ def test_compact_decodes_to_the_exact_targets(pair):
             np.testing.assert_array_equal(x, y)
 
 
+def test_every_position_trained_keeps_format_1s_layout_and_bytes(pair, tmp_path, teacher_dir, corpus_dir):
+    """400 positions of one long text in 25 full windows: every position is trained, so targets are stored at every
+    position as in format 1 (fixed-size columns, no `positions` key); the same text with padding (a window not filled)
+    stores none at the padding (list columns: their offsets cost about what 5 padding positions save)."""
+    exact, _, m, _ = pair
+    assert "positions" not in m["capture"] and m["totals"]["valid_tokens"] == m["totals"]["tokens"] == 400
+    assert m["schema"]["target_logprob"] == f"fixed_size_list<item: float>[{T}]"
+    assert m["schema"]["topk_ids"] == f"fixed_size_list<item: fixed_size_list<item: uint16>[{K}]>[{T}]"
+    padded = capture(teacher_dir, corpus_dir, tmp_path / "padded", targets="both", max_tokens=395)
+    assert padded["capture"]["positions"] == "trained" and padded["totals"]["windows"] == 25
+    assert padded["schema"]["target_logprob"] == "list<item: float>"
+    assert padded["totals"]["valid_tokens"] == 395
+    arrow = lambda man: sum(f["bytes"] for r in man["shards"] for rel, f in r["files"].items() if rel.endswith(".arrow"))
+    assert abs(arrow(padded) - arrow(m)) < 0.02 * arrow(m)
+    assert sum(int(s.stored_counts("topk_ids").sum()) for s in open_dataset(tmp_path / "padded").shards) == 395
+    a, b = open_dataset(exact), open_dataset(tmp_path / "padded")
+    for sa, sb in zip(a.shards, b.shards):  # the same teacher on the same windows: equal where both store targets
+        keep = sb.stored_mask()
+        for kind in ("topk", "sampled"):
+            for x, y in zip(sa.sparse_targets(kind), sb.sparse_targets(kind)):
+                np.testing.assert_array_equal(x[keep], y[keep])
+
+
 def test_sampled_targets_are_consistent(pair):
     exact, _, m, _ = pair
     ds = open_dataset(exact)
@@ -90,8 +113,8 @@ def test_independent_reader_from_format_doc_decodes_a_compact_shard(pair, packin
     exec(block.replace('root = "DATASET"', f'root = "{compact}"'), scope)
     shard = open_dataset(compact).shards[0]
     stored = shard.stored_mask()
-    assert shard.dataset.capture.positions == "trained" and stored.any()
-    assert packing or not stored.all()
+    assert stored.any()
+    assert packing or shard.dataset.capture.positions == "trained" and not stored.all()
     ids, lp = shard.sparse_targets("topk")
     np.testing.assert_array_equal(scope["topk_ids"][stored], ids[stored])
     np.testing.assert_allclose(scope["topk_logprobs"][stored], lp[stored], atol=1e-6)
