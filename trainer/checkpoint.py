@@ -15,6 +15,7 @@ checkpoint is resumed by --fsdp with the same number of processes; it is not its
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -113,8 +114,6 @@ def save_sharded_checkpoint(out: Path, step: int, model, state: dict, keep_last:
 
 
 def write_json(path: Path, obj) -> None:
-    import json
-
     path.write_text(json.dumps(obj, indent=1))
 
 
