@@ -129,7 +129,11 @@ def test_fsdp_without_torchrun_runs_one_way_like_the_plain_path(run_train, tmp_p
     assert (out / "checkpoints" / "step-000002" / "shards" / "rank-00000-of-00001.safetensors").is_file()
     with pytest.raises(UserError, match="--fsdp: True -> False"):  # a sharded run is resumed by --fsdp only
         run_train(out=out, resume=True, **kw)
+    leftover = out / "checkpoints" / "step-000004.tmp-sharded" / "shards"  # what a kill mid-save leaves
+    leftover.mkdir(parents=True)
+    (leftover / "rank-00000-of-00001.safetensors").write_bytes(b"cut short")
     again, _ = run_train(out=out, resume=True, fsdp=True, **kw)  # finished: no step, the final evaluation again
+    assert not leftover.parent.exists()
     assert again["eval"] == sharded["eval"]
     assert_same_weights(out, plain_out, exact=False)
 
