@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on real text, on a CPU: a teacher trained on the CPython standard library source, its logits captured once,
 # a ~1.7M-parameter student trained from them next to a CE-only student (same steps, same data order), both evaluated.
-# Knobs (environment): TEACHER_STEPS (2000), TRAIN_TOKENS (614400), STEPS (300), DEMO_DIR (runs/demo).
+# Knobs (environment): TEACHER_STEPS (2000), TRAIN_TOKENS (1228800), STEPS (300), DEMO_DIR (runs/demo).
+# With the defaults the two students are seed 0 of the quality table in BENCHMARKS.md (same capture and train flags).
 # The teacher is fixed in steps (seeded), so every machine gets the same one; a slow machine only takes longer. It is
 # checked before use: its held-out CE must be at least 1.0 nats/token below the unigram baseline, else the demo stops.
 set -euo pipefail
@@ -11,10 +12,10 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 
 TEACHER_STEPS=${TEACHER_STEPS:-2000}
 TEACHER_MIN_GAIN=1.0  # nats/token below the unigram baseline (6.625): 2,000 steps reach 2.22 (CE 4.400), 66 steps 0.01
-TRAIN_TOKENS=${TRAIN_TOKENS:-614400}  # = STEPS x 8 windows x 256 tokens: one epoch
+TRAIN_TOKENS=${TRAIN_TOKENS:-1228800}  # = STEPS x 16 windows x 256 tokens: one epoch
 HELDOUT_TOKENS=${HELDOUT_TOKENS:-65536}
 STEPS=${STEPS:-300}
-SEED_STD=0.049  # nats/token: seed-to-seed std of the held-out CE of CE-only students, these settings (BENCHMARKS.md)
+SEED_STD=0.0194  # nats/token: seed-to-seed std of the held-out CE of CE-only students (seeds 0-2), these settings (BENCHMARKS.md)
 SEQ=256
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 CORPUS=.cache/corpus
@@ -39,8 +40,8 @@ distill verify "$LOGITS/train"
 
 RUN="$DEMO_DIR/students-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RUN"
-common=(--data "$LOGITS/train" --student-config scripts/configs/student-1.7m.json --steps "$STEPS" --batch-size 8
-        --lr 1e-3 --warmup 30 --seed 0 --save-every 100 --log-every 20 --device cpu --dtype bfloat16)
+common=(--data "$LOGITS/train" --student-config scripts/configs/student-1.7m.json --steps "$STEPS" --batch-size 16
+        --lr 2e-3 --warmup 30 --seed 0 --save-every 100 --log-every 20 --device cpu --dtype bfloat16)
 step "3/5 distill train: KD student from the stored logits (no teacher in the loop)"
 timed "$RUN/kd.time" distill train "${common[@]}" --out "$RUN/kd" --alpha 0.5
 step "4/5 distill train: CE-only student, same steps and data order"
@@ -50,7 +51,7 @@ step "5/5 distill eval on the held-out split"
 distill eval --student "$RUN/kd" --data "$LOGITS/heldout" --json > "$RUN/kd-eval.json"
 distill eval --student "$RUN/ce" --data "$LOGITS/heldout" --json > "$RUN/ce-eval.json"
 settings=custom
-[ "$TEACHER_STEPS/$TRAIN_TOKENS/$STEPS" = "2000/614400/300" ] && settings=default
+[ "$TEACHER_STEPS/$TRAIN_TOKENS/$STEPS" = "2000/1228800/300" ] && settings=default
 python - "$RUN" "$SEED_STD" "$settings" <<'PY'
 import json, sys
 sys.path.insert(0, "scripts")
@@ -67,6 +68,10 @@ for label, ce, agree, kl, ece, secs in rows:
     print(f"{label:24s} {ce:12.4f} {100 * (ce - base) / base:+10.2f}% {agree:12.3f} {kl:9.4f} {ece:7.4f} {secs:6.0f}s")
 print()
 print(kd_verdict(rows[1][1], base, float(sys.argv[2]), sys.argv[3] == "default"))
+if sys.argv[3] == "default":  # these two students are seed 0 of the quality table; what its three seeds say
+    print("Over seeds 0, 1 and 2 at these settings (BENCHMARKS.md, quality table): KD 4.4560 +- 0.0173 against CE-only "
+          "4.5044 +- 0.0194, -1.07%, more than twice the larger deviation: KD is better; top-1 agreement with the "
+          "teacher 0.66 against 0.53.")
 print(f"\nstudents, metrics and run.json: {run}/")
 PY
 step "done"
