@@ -102,8 +102,9 @@ def local_tensors(step_fn: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     """This rank's part of the weights and optimizer state as flat {name: tensor} (safetensors keys), and the layout.
 
     Weights: `weights.NAME` for every parameter (tied ones once) and buffer. Optimizer: `optimizer.I.KEY` for parameter
-    index I of the optimizer's order. The layout records which are sharded, the global shapes, the parameter names in
-    optimizer order and the param groups (hyperparameters), so a resume can refuse a checkpoint of another model."""
+    index I of the optimizer's order. The layout records the local shape and dtype of each, the parameters' names and
+    global shapes in optimizer order (so a resume can refuse a checkpoint of another model) and the param groups
+    (hyperparameters, the parameters as indices)."""
     tensors, layout = {}, {"tensors": {}}
     for name, p in step_fn.named_parameters():
         tensors[f"weights.{name}"] = _local(p)
@@ -119,8 +120,7 @@ def local_tensors(step_fn: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
         layout["tensors"][key] = {"local_shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
     layout["param_names"] = [names[id(p)] for p in params]
     layout["param_shapes"] = [list(p.shape) for p in params]
-    layout["param_groups"] = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                              for g in sd["param_groups"]]
+    layout["param_groups"] = sd["param_groups"]
     return tensors, layout
 
 
