@@ -35,6 +35,11 @@ def token_dtype(vocab_size: int) -> str:
     return "uint32"
 
 
+def position_dtype(seq_len: int) -> str:
+    """`position_ids` are below seq_len: two bytes a position up to 65,536 positions a window (format 2)."""
+    return "uint16" if seq_len <= 2**16 else "int32"
+
+
 def window_schema(
     seq_len: int,
     token_type: str,
@@ -69,7 +74,7 @@ def window_schema(
         pa.field("loss_mask", per_pos(pa.uint8())),  # 1 where the student learns the label; 0 for context and padding
     ]
     if version >= 2:  # restart at 0 at each packed example; version 1 datasets have none (0..T-1 for every window)
-        fields.append(pa.field("position_ids", per_pos(pa.int32())))
+        fields.append(pa.field("position_ids", per_pos(pa.from_numpy_dtype(np.dtype(position_dtype(seq_len))))))
     if trained_only:  # targets: one entry per trained position (loss_mask 1), in position order
         per_pos = lambda t: pa.list_(t)
     fields += [
