@@ -100,7 +100,7 @@ def _check_blobs(shard, fail, name: str, values_per_row: np.ndarray, bits: int) 
 
 
 def _check_topk(shard, fail) -> None:
-    ds, cap, T = shard.dataset, shard.dataset.capture, shard.dataset.seq_len
+    ds, cap = shard.dataset, shard.dataset.capture
     K, V = ds.top_k, ds.vocab_size
     slack = 1.0
     stored = shard.stored_mask()  # (W, T): positions that hold targets
