@@ -77,7 +77,8 @@ def test_bert_student_folder_and_online_teacher_are_refused(run_train, tmp_path,
 @pytest.mark.slow
 def test_second_train_is_refused_and_sigkill_leaves_no_stale_lock(tmp_path, dataset_dir, student_config):
     out = tmp_path / "run"
-    args = cli_args(dataset_dir, student_config, out, steps=8, save_every=2)
+    # 40 steps of >= 0.5 s: the first run is still going (~19 s) while the second starts, even on a loaded machine
+    args = cli_args(dataset_dir, student_config, out, steps=40, save_every=2)
     first = subprocess.Popen(train_cmd(*args, "--step-sleep", "0.5"), cwd=REPO, env=subprocess_env(),
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
