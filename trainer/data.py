@@ -277,9 +277,13 @@ def make_loader(reader: WindowReader, workers: int, seed: int = 0, pin_memory: b
     """A DataLoader over a reader: batches are made by the reader (batch_size=None), workers split them round-robin.
 
     Its own generator keeps the DataLoader from drawing from the global torch RNG (which a resumed run restores).
+    Workers of a dataset that is not on a local disk are spawned, not forked: a forked worker inherits the parent's
+    object-storage client (event loop, connections) and its locks mid-use, which can hang it.
     """
+    remote = workers > 0 and not reader.ds.is_local
     return torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       generator=torch.Generator().manual_seed(seed))
+                                       generator=torch.Generator().manual_seed(seed),
+                                       multiprocessing_context="spawn" if remote else None)
 
 
 def check_batch(batch: dict) -> dict:

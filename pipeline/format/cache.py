@@ -87,7 +87,7 @@ class ShardCache:
         self._owner = -1  # unpickled in another process: never the dataset's filesystem object
         self._held = {}
         self._reset()
-        self._finalizer = weakref.finalize(self, _unpin_all, self.locks, [s.name for s in self.ds.manifest.shards], self._held)
+        self._finalizer = None  # made at the first pin: the dataset may not be unpickled yet (it refers to this cache)
 
     def close(self) -> None:
         """Stop fetching ahead and give back every pin this object holds (views still open keep reading their files)."""
@@ -96,7 +96,7 @@ class ShardCache:
             self._wake.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        if self._pid == os.getpid():
+        if self._pid == os.getpid() and self._finalizer is not None:
             self._finalizer()
 
     # --- what the reader calls
@@ -139,6 +139,8 @@ class ShardCache:
 
     def acquire(self, i: int, demanded: bool = True) -> bool:
         """Make shard i local and verified, and pin it. False only for a prefetch that found no room."""
+        if self._finalizer is None:
+            self._finalizer = weakref.finalize(self, _unpin_all, self.locks, [s.name for s in self.ds.manifest.shards], self._held)
         pinned = _pin(self.locks, self.ds.manifest.shards[i].name, lambda: self._download(i, demanded))
         if pinned:
             with self._mutex:
