@@ -9,10 +9,12 @@ view of the local copy: memory-mapped, zero-copy, as fast as a local dataset onc
 - Ahead of use: a background thread keeps the next `ahead` shards of the plan local, so the reader rarely waits.
 - Bounded: before a download, the least recently used shards (of any dataset in the folder) are deleted until the new
   one fits in `max_bytes`. A shard in use is never deleted: each process holds a shared `flock` on the shard's lock file
-  while it uses it, and eviction takes the lock exclusively without waiting, skipping what it cannot take. Downloads
-  take it exclusively too, so processes sharing the folder (DDP ranks, DataLoader workers) fetch each shard once.
+  while it uses it, and eviction takes the lock exclusively without waiting, skipping what it cannot take. A download
+  happens under that shared lock plus an exclusive one on the shard's `.fetch` file, so processes sharing the folder
+  (DDP ranks, DataLoader workers) fetch each shard once. Nobody ever waits for the `.lock` exclusively: Linux grants
+  new shared locks ahead of a waiting exclusive one, so such a wait could last as long as another process's pins.
 - Layout: FOLDER/<first 16 hex of the manifest's sha256>/shards/<shard files> (a dataset rewritten at the same URL gets
-  a new key) and .../locks/<shard>.lock, <shard>.ready.
+  a new key) and .../locks/<shard>.lock, <shard>.fetch, <shard>.ready.
 """
 
 from __future__ import annotations
@@ -317,16 +319,16 @@ def _pin(locks: Path, name: str, fetch) -> bool:
         ready = locks / f"{name}.ready"
         fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            while True:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                if ready.exists():  # under the shared lock: complete, and no eviction can run now
-                    break
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                fcntl.flock(fd, fcntl.LOCK_EX)  # other processes: one of them downloads
+            # shared and kept: no eviction can run on this shard from here on, in any process. Never an exclusive wait
+            # on this lock: other processes take it shared whenever they like, so such a wait could last forever.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if not ready.exists():
+                fetch_fd = os.open(locks / f"{name}.fetch", os.O_RDWR | os.O_CREAT, 0o644)
                 try:
+                    fcntl.flock(fetch_fd, fcntl.LOCK_EX)  # one process downloads; the others find it ready after
                     fetched = ready.exists() or fetch()
                 finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fetch_fd)
                 if not fetched:
                     os.close(fd)
                     return False

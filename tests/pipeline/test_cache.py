@@ -98,3 +98,31 @@ def test_close_keeps_open_views_readable(dataset_dir, tmp_path):  # noqa: F811
     cache.close()
     assert not pinned_anywhere(cache.locks / "00001.lock")
     assert view.column("input_ids").shape[0] == view.record.windows  # memory-mapped: the files are still there
+
+
+def test_a_pin_never_waits_on_other_processes_pins(dataset_dir, tmp_path):  # noqa: F811
+    """The race that hung DataLoader workers: worker A finds shard 1 missing and goes to fetch it while worker B fetches
+    it and then keeps it pinned (a shared flock) for as long as it reads. Had A waited for the lock exclusively it would
+    have waited for B's pins, forever. Here another real process holds the shared lock of a shard that is not local yet,
+    and the pin still fetches it and returns."""
+    import subprocess
+    import sys
+
+    ds, cache = cache_of(dataset_dir, tmp_path / "c", ahead=0)
+    cache.locks.mkdir(parents=True)
+    lock = cache.locks / "00001.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        view = run_with_deadline(lambda: cache.open(1))
+        assert (view.column("topk_ids") == open_dataset(dataset_dir).open_shard(1).column("topk_ids")).all()
+        assert (cache.locks / "00001.ready").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    cache.close()
