@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--capture-dtype", default="bfloat16")
     p.add_argument("--train-dtype", default="bfloat16")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                   help="rows, by name; also available: top-64 uniform, top-8 renormalize, sampled N=16|32|64, ...")
+                   help="rows, by name; also available: top-64 uniform, top-8 renormalize, sampled N=16|32|64, top-64 T=2 exact "
+                        "tail, top-64 T=2 approximate renormalize, ...")
     p.add_argument("--log-every", type=int, default=1, help="metrics.jsonl line every this many steps (the curves)")
     p.add_argument("--equal-steps", type=int, default=None,
                    help="steps of the equal-wall-clock online row (default: measured from the first seed's top-64 and "
@@ -103,6 +104,10 @@ def all_variants(args) -> dict[str, tuple[str, dict]]:
     for n in (8, 16, 32, 64):
         v[f"sampled N={n}"] = ("top64" if n == 8 else f"sampled{n}", dict(targets="sampled", tail="tail"))
     v["compact top-64 renormalize"] = ("compact", dict(tail="renormalize", targets="topk"))
+    # temperature 2: exact with the log-normalizer stored at capture (--temperatures 1,2), and without it
+    v["top-64 T=2 exact tail"] = ("top64t2", dict(tail="tail", targets="topk", temperature=2.0))
+    v["top-64 T=2 approximate renormalize"] = ("top64", dict(tail="renormalize", targets="topk", temperature=2.0,
+                                                             approximate_temperature=True))
     return v
 
 
@@ -110,7 +115,8 @@ def datasets(args, keys: set[str]) -> dict[str, Path]:
     """The captures the chosen rows read; `top64` holds top-64 and N=8 samples from one teacher pass."""
     make = {"top64": lambda: capture(args, "train", "top64-s8", args.tokens, top_k=64, targets="both", samples=8),
             "top8": lambda: capture(args, "train", "top8", args.tokens, top_k=8),
-            "compact": lambda: capture(args, "train", "compact64", args.tokens, top_k=64, encoding="compact")}
+            "compact": lambda: capture(args, "train", "compact64", args.tokens, top_k=64, encoding="compact"),
+            "top64t2": lambda: capture(args, "train", "top64-t12", args.tokens, top_k=64, temperatures=[1.0, 2.0])}
     for n in (16, 32, 64):
         make[f"sampled{n}"] = lambda n=n: capture(args, "train", f"sampled{n}", args.tokens, targets="sampled", samples=n)
     return {k: make[k]() for k in sorted(keys | {"top64"})}
