@@ -34,13 +34,13 @@ from .format.sections import Capture, Corpus, CreatedBy, FileMeta, HiddenLayer, 
 TOOL_VERSION = "0.1.0"
 # Capture settings that change shard bytes: a resumed run must match them.
 SETTINGS_FROM_CAPTURE = ("targets", "top_k", "samples", "sample_temperature", "seed", "encoding", "logprob_bits", "compression",
-                         "hidden_layers", "batch_size", "shard_size", "log_norm_temperatures")
+                         "hidden_layers", "batch_size", "shard_size", "log_norm_temperatures", "topk_id_coding")
 # Settings recorded for people, not compared on resume: the same teacher typed as another path is the same teacher
 # (`teacher_identity`, a hash of its files, is compared instead).
 NOT_COMPARED = ("teacher",)
 # Settings recorded only when set, whose absence means "none": compared on resume even when one side lacks them (a run
 # started without log-normalizers must not be resumed with them: its shards would lack the column).
-COMPARED_WHEN_ABSENT = ("log_norm_temperatures",)
+COMPARED_WHEN_ABSENT = ("log_norm_temperatures", "topk_id_coding")
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:

@@ -5,7 +5,9 @@ always return dense padded arrays: ids (R, T, M) int64 and log-probs (R, T, M) f
 nothing else, whichever encoding or target kind the dataset holds. When targets are stored only at trained positions
 (`capture.positions == "trained"`), `encode_rows` keeps a window's trained positions only (in position order), and the
 reader's `col` scatters them back to (R, T, ...) (format.reader.Shard.column); compact blobs hold only those positions'
-values, so `decode_topk` gets the stored-position mask to place them.
+values, so `decode_topk` gets the stored-position mask to place them. Compact top-k ids are coded as
+`capture.topk_id_coding` says (format.idcode): sorted per position and entropy-coded, with the quantized log-probs in
+that id order (the reader sorts both back to rank order), or, in older datasets, bit-packed in rank order.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from .bitpack import dequantize_logprobs, pack_bits, unpack_bits
+from .idcode import SORTED, decode_sorted_ids, encode_sorted_ids
 from .schema import TARGET_COLUMNS
 from .sections import Capture
 
@@ -61,8 +64,14 @@ def encode_rows(rows: dict, capture: Capture) -> dict:
         if not compact:
             out["topk_ids"], out["topk_logprobs"] = rows["topk_ids"], rows["topk_logprobs"]
         else:
-            ids, q = rows["topk_ids"], rows["topk_q"]
-            out["topk_ids_packed"] = pa.array([pack_bits(at(i, w), capture.id_bits) for i, w in enumerate(ids)], pa.binary())
+            ids, q = rows["topk_ids"], rows["topk_q"]  # (B, T, K) most probable first
+            if capture.topk_id_coding == SORTED:  # ids ascending per position, the log-probs in the same order
+                order = np.argsort(ids, axis=-1)  # (B, T, K)
+                ids, q = np.take_along_axis(ids, order, -1), np.take_along_axis(q, order, -1)
+                id_blobs = [encode_sorted_ids(at(i, w)) for i, w in enumerate(ids)]
+            else:
+                id_blobs = [pack_bits(at(i, w), capture.id_bits) for i, w in enumerate(ids)]
+            out["topk_ids_packed"] = pa.array(id_blobs, pa.binary())
             out["topk_logprobs_packed"] = pa.array([pack_bits(at(i, w), capture.logprob_bits) for i, w in enumerate(q)], pa.binary())
             out["topk_logprob_hi"], out["topk_logprob_lo"] = rows["topk_hi"], rows["topk_lo"]
         if capture.log_norm_temperatures:
@@ -98,11 +107,18 @@ def decode_topk(col, capture: Capture, seq_len: int, stored: np.ndarray | None =
     R = len(packed_ids)
     if stored is None:
         stored = np.ones((R, seq_len), bool)
-    ids, q = np.zeros((R, seq_len, K), np.int64), np.zeros((R, seq_len, K), np.float32)
+    sorted_ids = capture.topk_id_coding == SORTED
+    ids, q = np.zeros((R, seq_len, K), np.int64), np.zeros((R, seq_len, K), np.uint16)  # logprob_bits <= 16
     for r in range(R):
         n = int(stored[r].sum())
-        ids[r][stored[r]] = unpack_bits(packed_ids[r], capture.id_bits, n * K).reshape(n, K)
+        if sorted_ids:
+            ids[r][stored[r]] = decode_sorted_ids(packed_ids[r], n, K, 1 << capture.id_bits)
+        else:
+            ids[r][stored[r]] = unpack_bits(packed_ids[r], capture.id_bits, n * K).reshape(n, K)
         q[r][stored[r]] = unpack_bits(packed_q[r], capture.logprob_bits, n * K).reshape(n, K)
+    if sorted_ids:  # back to rank order: q ascending is log-prob descending (ties keep ascending id order)
+        order = np.argsort(q, axis=-1, kind="stable")  # (R, T, K); a radix sort on uint16
+        ids, q = np.take_along_axis(ids, order, -1), np.take_along_axis(q, order, -1)
     lp = dequantize_logprobs(q, col("topk_logprob_hi"), col("topk_logprob_lo"), capture.logprob_bits)
     return ids, lp
 

@@ -16,6 +16,7 @@ import numpy as np
 from ..common.errors import FormatError
 from .bitpack import bits_for
 from .files import safe_relpath
+from .idcode import CODINGS as ID_CODINGS
 from .schema import FORMAT_NAME, FORMAT_VERSION, POSITIONS, schema_description, shard_name, token_dtype
 from .sections import Capture, Manifest, count_dtype, logprob_dtype
 
@@ -190,6 +191,9 @@ def _check_capture(c: _Checker, cap: dict, teacher: dict, vocab: int) -> Capture
                "temperatures other than 1 (top-k targets only)")
     if compact:
         c.equal(cap.get("id_bits"), bits_for(vocab - 1), "capture.id_bits", "`teacher.vocab_size`")
+    if cap.get("topk_id_coding", "packed") not in (ID_CODINGS if compact and topk else ("packed",)):
+        c.fail(f"`capture.topk_id_coding` is {_show(cap.get('topk_id_coding'))}, expected one of {list(ID_CODINGS)} "
+               "(compact top-k only)")
     if "sampled" in targets:
         n = c.int_(cap, "samples", 1, MAX_SAMPLES, "capture.samples")
         tau = cap.get("sample_temperature")

@@ -104,6 +104,10 @@ class Capture:
     seed: int | None = None
     count_bits: int | None = None
     """Bits per packed sample count minus one (compact encoding with sampled targets)."""
+    topk_id_coding: str = "packed"
+    """How the compact encoding stores top-k ids (format.idcode): "sorted_expgolomb" (what compact captures write:
+    ascending per position, Exp-Golomb-coded gaps, log-probs in that order) or "packed" (`id_bits` each, rank order;
+    compact datasets written before the key existed, and its meaning when absent)."""
     log_norm_temperatures: tuple[float, ...] = ()
     """Temperatures other than 1, ascending, whose teacher log-normalizer log sum_v p_v^(1/T) (full vocabulary) is
     stored per position in the column `log_norm`, in this order (top-k only; `precompute --temperatures`). Empty, and
@@ -126,7 +130,7 @@ class Capture:
                    sample_temperature=sample_temperature if sampled else 1.0, seed=seed if sampled else None,
                    count_bits=bits_for(samples - 1) if compact and sampled else None,
                    log_norm_temperatures=tuple(float(t) for t in log_norm_temperatures) if topk else (),
-                   positions=positions)
+                   positions=positions, topk_id_coding="sorted_expgolomb" if compact and topk else "packed")
 
     # --- derived: written for people, never stored independently
     @property
@@ -181,6 +185,8 @@ class Capture:
             d["id_bits"] = self.id_bits
             if topk:
                 d["logprob_bits"] = self.logprob_bits
+                if self.topk_id_coding != "packed":  # absent: "packed" (what every older compact manifest means)
+                    d["topk_id_coding"] = self.topk_id_coding
         if sampled:
             d |= {"samples": self.samples, "sample_temperature": self.sample_temperature, "seed": self.seed,
                   "count_dtype": self.count_dtype}

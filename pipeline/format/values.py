@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from ..common.errors import FormatError
 from .bitpack import unpack_bits
+from .idcode import SORTED, IdCodeError, decode_sorted_ids
 from .schema import TARGET_COLUMNS
 
 # float16 rounding of stored log-probs may lift a top-k mass a little above 1; a real teacher never goes further.
@@ -106,7 +107,14 @@ def _check_topk(shard, fail) -> None:
     stored = shard.stored_mask()  # (W, T): positions that hold targets
     if cap.encoding == "compact":
         per_row = stored.sum(1).astype(np.int64) * K
-        _check_blobs(shard, fail, "topk_ids_packed", per_row, cap.id_bits)
+        if cap.topk_id_coding == SORTED:  # each blob an exact code of its positions' ids, all inside the vocabulary
+            for w, blob in enumerate(shard.column("topk_ids_packed")):
+                try:
+                    decode_sorted_ids(blob, int(per_row[w]) // K, K, V)
+                except IdCodeError as e:
+                    fail("topk_ids_packed", f"window {w}: {e} (capture.topk_id_coding {SORTED})")
+        else:
+            _check_blobs(shard, fail, "topk_ids_packed", per_row, cap.id_bits)
         _check_blobs(shard, fail, "topk_logprobs_packed", per_row, cap.logprob_bits)
         hi = shard.column("topk_logprob_hi").astype(np.float32)
         lo = shard.column("topk_logprob_lo").astype(np.float32)
