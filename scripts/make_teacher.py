@@ -17,6 +17,7 @@ The last line on stdout is the teacher folder, so shell scripts can do `TEACHER=
 progress and logs go to stderr.
 
     python scripts/make_teacher.py [--steps 2000] [--out runs/teacher]
+    python scripts/make_teacher.py --chat [--chat-steps 400]    # then the chat teacher (scripts/chat_teacher.py)
 """
 
 from __future__ import annotations
@@ -105,6 +106,15 @@ class TeacherConfig:
     min_gain: float | None = None
     """Check the teacher before anyone uses it: exit 2 with one line unless its held-out CE is at least MIN_GAIN nats
     below the unigram baseline. scripts/demo.sh passes 1.0."""
+    chat: bool = False
+    """Then teach the text teacher the ChatML chat format on the stdlib conversations (scripts/chat_teacher.py): special
+    tokens, a chat template, a fine-tune on a mix of conversations and text; saved as CACHE_DIR/chat-teacher-<hash>."""
+    chat_steps: int = 400
+    """Fine-tune steps of --chat (batches of --batch-size windows of --seq-len tokens)."""
+    chat_lr: float = 5e-4
+    """Peak learning rate of the --chat fine-tune (the same warmup and cosine as the text teacher)."""
+    chat_fraction: float = 0.5
+    """Share of each --chat batch's windows taken from the conversations; the rest are text."""
 
 
 def validate(cfg: TeacherConfig) -> None:
@@ -120,7 +130,11 @@ def validate(cfg: TeacherConfig) -> None:
         problems.append(f"--minutes {cfg.minutes} must be positive")
     if cfg.dtype not in ("bfloat16", "float32"):
         problems.append(f"--dtype {cfg.dtype!r} must be bfloat16 or float32")
-    for name in ("steps", "layers", "intermediate", "seq_len", "batch_size", "eval_tokens"):
+    if not 0.0 <= cfg.chat_fraction <= 1.0:
+        problems.append(f"--chat-fraction {cfg.chat_fraction} must be in [0, 1]")
+    if cfg.chat_lr <= 0:
+        problems.append(f"--chat-lr {cfg.chat_lr} must be positive")
+    for name in ("steps", "chat_steps", "layers", "intermediate", "seq_len", "batch_size", "eval_tokens"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if problems:
@@ -270,12 +284,57 @@ def verify_roundtrip(folder: Path, model, tok: Tokenizer, text: str) -> None:
         raise RuntimeError(f"model saved in {folder} gives different logits (max |diff| {diff:.2e}) after loading")
 
 
+def train_loop(model, next_batch, cfg: TeacherConfig, steps: int, lr: float,
+               budget_s: float | None = None) -> tuple[int, int, float, float]:
+    """Train `model` in place on `next_batch()` windows (B, T+1): AdamW (decay on matrices only), warmup + cosine over
+    the budget (`lr_factor`), gradients clipped at 1.0, bf16 autocast per `cfg.dtype`. Shared by the text teacher and
+    its chat fine-tune (scripts/chat_teacher.py). Returns (steps, tokens seen, final loss EMA, seconds)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    step, tokens_seen, loss_ema, t_start = 0, 0, None, time.time()
+    # tqdm's bar shows the ETA on a terminal; in a log file (nohup, CI) a plain line every 10% says it instead
+    bar = tqdm(total=steps, unit="step", file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    while True:
+        elapsed = time.time() - t_start
+        progress = max(step / steps, elapsed / budget_s if budget_s else 0.0)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, progress, cfg)
+        batch = next_batch()  # (B, T+1)
+        with autocast(cfg):
+            logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())  # float32 math on bf16 logits
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += batch[:, 1:].numel()
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
+        if bar.disable and step % max(1, steps // 10) == 0:
+            log(progress_line(step, steps, time.time() - t_start, loss_ema))
+    bar.close()
+    return step, tokens_seen, loss_ema, time.time() - t_start
+
+
 # ----------------------------------------------------------------------------- the script
 
 def make_teacher(cfg: TeacherConfig) -> Path:
     """Build (or reuse) the teacher for `cfg`; return its folder (cfg.out when given)."""
     # --- setup: corpus, tokens, recipe, cache lookup
     validate(cfg)
+    if cfg.chat:  # the text teacher first (built or reused, with its check), then its chat fine-tune
+        import chat_teacher  # sibling script, imported here: it imports this module
+
+        base = make_teacher(dataclasses.replace(cfg, chat=False, out=None))
+        return _copy_out(chat_teacher.make_chat_teacher(cfg, base), cfg.out)
     torch.set_num_threads(os.cpu_count() or 1)
     cache_dir = Path(cfg.cache_dir).resolve()
     corpus_dir = Path(cfg.corpus_dir) if cfg.corpus_dir else cache_dir / "corpus"
@@ -296,10 +355,6 @@ def make_teacher(cfg: TeacherConfig) -> Path:
     eot_id = tok.token_to_id(EOT)
     model = build_model(cfg, eot_id)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     train_tokens = tokens["train"]
     if train_tokens.size <= cfg.seq_len + 1:
         raise ValueError(f"training split has {train_tokens.size} tokens; need more than --seq-len + 1")
@@ -309,36 +364,11 @@ def make_teacher(cfg: TeacherConfig) -> Path:
         + (f" or {cfg.minutes} min, whichever comes first" if budget_s else ""))
 
     # --- train: random packed windows, AdamW, warmup + cosine over the budget
-    step, tokens_seen, loss_ema, t_start = 0, 0, None, time.time()
-    # tqdm's bar shows the ETA on a terminal; in a log file (nohup, CI) a plain line every 10% says it instead
-    bar = tqdm(total=cfg.steps, unit="step", file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
-    while True:
-        elapsed = time.time() - t_start
-        progress = max(step / cfg.steps, elapsed / budget_s if budget_s else 0.0)
-        if progress >= 1.0:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, progress, cfg)
+    def next_batch() -> torch.Tensor:
         starts = rng.integers(0, train_tokens.size - cfg.seq_len, size=cfg.batch_size)  # high is exclusive
-        batch = torch.from_numpy(np.stack([train_tokens[s:s + cfg.seq_len + 1] for s in starts]).astype(np.int64))
-        with autocast(cfg):
-            logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())  # float32 math on bf16 logits
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += batch[:, 1:].numel()
-        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
-        if bar.disable and step % max(1, cfg.steps // 10) == 0:
-            log(progress_line(step, cfg.steps, time.time() - t_start, loss_ema))
-    bar.close()
-    train_s = time.time() - t_start
+        return torch.from_numpy(np.stack([train_tokens[s:s + cfg.seq_len + 1] for s in starts]).astype(np.int64))
+
+    step, tokens_seen, loss_ema, train_s = train_loop(model, next_batch, cfg, cfg.steps, cfg.lr, budget_s)
 
     # --- evaluate: held-out CE against the unigram baseline, on the same targets
     t0 = time.time()
@@ -402,13 +432,17 @@ def check_teacher(folder: Path, min_gain: float | None) -> None:
         f"nats/token below the unigram baseline {report['unigram_ce']:.3f} (required: {min_gain:g})")
 
 
+# The --chat fine-tune's settings: in the chat teacher's recipe (scripts/chat_teacher.py), never in the text teacher's.
+CHAT_FIELDS = {"chat", "chat_steps", "chat_lr", "chat_fraction"}
+
+
 def teacher_recipe(cfg: TeacherConfig, tokens_recipe: dict) -> dict:
     """What the cache key hashes: exactly the settings that determine the weights.
 
     Not where things live (cache, corpus, stdlib, out), not what is only measured afterwards (eval_tokens), and the time
     limit only when one was chosen (then the weights depend on the machine, and the key says so).
     """
-    skip = ({"cache_dir", "corpus_dir", "stdlib", "out", "eval_tokens", "min_gain"}
+    skip = ({"cache_dir", "corpus_dir", "stdlib", "out", "eval_tokens", "min_gain"} | CHAT_FIELDS
             | ({"minutes"} if cfg.minutes is None else set()))
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     return {"version": RECIPE_VERSION, "tokens": tokens_recipe, "settings": settings}
@@ -448,7 +482,7 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(TeacherConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "tie_embeddings":
+        if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
             continue
         kind = {"minutes": float, "min_gain": float}.get(f.name) or (type(f.default) if f.default is not None else str)
