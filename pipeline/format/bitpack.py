@@ -8,6 +8,7 @@ at a given bit offset, of its own width) that the entropy-coded ids use (format.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -37,15 +38,22 @@ def write_bits(values: np.ndarray, widths: np.ndarray) -> bytes:
     return np.packbits(bits, bitorder="little").tobytes()
 
 
-def read_bits(data: bytes, offsets: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Value i = the widths[i] bits (<= MAX_READ_WIDTH) starting at bit offsets[i] of `data`, LSB first -> uint64.
+def read_bits(data: bytes, offsets: np.ndarray, widths) -> np.ndarray:
+    """Value i = the widths[i] bits (<= MAX_READ_WIDTH; `widths` an array or one int for all) starting at bit
+    offsets[i] of `data`, LSB first -> int64.
 
-    Vectorized: each value is one unaligned little-endian 8-byte read at its first byte, a shift and a mask."""
+    Vectorized: each value is one little-endian 8-byte read at its first byte, a shift and a mask (no dtype passes:
+    non-negative int64 arrays are viewed as uint64)."""
     offsets = np.asarray(offsets, np.int64)
     buf = np.frombuffer(bytes(data) + bytes(8), np.uint8)
-    words = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))  # words[j] = bytes j..j+7
-    mask = (np.uint64(1) << np.asarray(widths, np.uint64)) - np.uint64(1)
-    return (words[offsets >> 3] >> (offsets & 7).astype(np.uint64)) & mask
+    words = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))  # words[j] = bytes j..j+7, unaligned
+    words = np.ascontiguousarray(words)  # an aligned copy: gathering from it is several times faster
+    if np.isscalar(widths):
+        mask = np.uint64((1 << int(widths)) - 1)
+    else:
+        mask = (np.uint64(1) << np.asarray(widths, np.int64).view(np.uint64)) - np.uint64(1)
+    out = (words[offsets >> 3] >> (offsets & 7).view(np.uint64)) & mask
+    return out.view(np.int64)
 
 
 def pack_bits(values: np.ndarray, width: int) -> bytes:
@@ -56,12 +64,24 @@ def pack_bits(values: np.ndarray, width: int) -> bytes:
     return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
 
 
-def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
-    """Inverse of pack_bits: `count` unsigned integers of `width` bits -> uint32 array."""
+@functools.lru_cache(maxsize=64)
+def _fixed_offsets(width: int, count: int) -> np.ndarray:
+    """Bit offsets of `count` values of `width` bits (cached: a reader decodes blobs of the same size again and again)."""
+    offsets = np.arange(count, dtype=np.int64) * width
+    offsets.flags.writeable = False
+    return offsets
+
+
+def unpack_values(data: bytes, width: int, count: int) -> np.ndarray:
+    """Inverse of pack_bits: `count` unsigned integers of `width` bits -> int64 array."""
     if len(data) * 8 < count * width:
         raise ValueError(f"{len(data)} bytes hold fewer than {count} values of {width} bits")
-    offsets = np.arange(count, dtype=np.int64) * width
-    return read_bits(data, offsets, np.full(count, width)).astype(np.uint32)
+    return read_bits(data, _fixed_offsets(width, count), width)
+
+
+def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
+    """unpack_values as uint32."""
+    return unpack_values(data, width, count).astype(np.uint32)
 
 
 def dequantize_logprobs(q: np.ndarray, hi: np.ndarray, lo: np.ndarray, bits: int) -> np.ndarray:

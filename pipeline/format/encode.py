@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .bitpack import dequantize_logprobs, pack_bits, unpack_bits
+from .bitpack import dequantize_logprobs, pack_bits, unpack_bits, unpack_values
 from .idcode import SORTED, decode_sorted_ids, encode_sorted_ids
 from .schema import TARGET_COLUMNS
 from .sections import Capture
@@ -107,18 +107,27 @@ def decode_topk(col, capture: Capture, seq_len: int, stored: np.ndarray | None =
     R = len(packed_ids)
     if stored is None:
         stored = np.ones((R, seq_len), bool)
-    sorted_ids = capture.topk_id_coding == SORTED
-    ids, q = np.zeros((R, seq_len, K), np.int64), np.zeros((R, seq_len, K), np.uint16)  # logprob_bits <= 16
+    counts = stored.sum(1)  # (R,) positions each blob holds
+    id_parts, q_parts = [], []
     for r in range(R):
-        n = int(stored[r].sum())
-        if sorted_ids:
-            ids[r][stored[r]] = decode_sorted_ids(packed_ids[r], n, K, 1 << capture.id_bits)
+        n = int(counts[r])
+        if capture.topk_id_coding == SORTED:
+            id_parts.append(decode_sorted_ids(packed_ids[r], n, K, 1 << capture.id_bits))
         else:
-            ids[r][stored[r]] = unpack_bits(packed_ids[r], capture.id_bits, n * K).reshape(n, K)
-        q[r][stored[r]] = unpack_bits(packed_q[r], capture.logprob_bits, n * K).reshape(n, K)
-    if sorted_ids:  # back to rank order: q ascending is log-prob descending (ties keep ascending id order)
-        order = np.argsort(q, axis=-1, kind="stable")  # (R, T, K); a radix sort on uint16
-        ids, q = np.take_along_axis(ids, order, -1), np.take_along_axis(q, order, -1)
+            id_parts.append(unpack_values(packed_ids[r], capture.id_bits, n * K).reshape(n, K))
+        q_parts.append(unpack_values(packed_q[r], capture.logprob_bits, n * K).reshape(n, K))
+    flat_ids = np.concatenate(id_parts) if id_parts else np.zeros((0, K), np.int64)  # (P, K) int64
+    flat_q = np.concatenate(q_parts) if q_parts else np.zeros((0, K), np.int64)
+    if capture.topk_id_coding == SORTED:
+        # back to rank order: q ascending is log-prob descending; one sort of (q, id) keys also puts equal values in
+        # ascending id order (several times faster than an argsort and two gathers)
+        key = np.sort((flat_q << capture.id_bits) | flat_ids, axis=-1)  # (P, K)
+        flat_ids, flat_q = key & ((1 << capture.id_bits) - 1), key >> capture.id_bits
+    if stored.all():
+        ids, q = flat_ids.reshape(R, seq_len, K), flat_q.reshape(R, seq_len, K)
+    else:
+        ids, q = np.zeros((R, seq_len, K), np.int64), np.zeros((R, seq_len, K), np.int64)
+        ids[stored], q[stored] = flat_ids, flat_q
     lp = dequantize_logprobs(q, col("topk_logprob_hi"), col("topk_logprob_lo"), capture.logprob_bits)
     return ids, lp
 

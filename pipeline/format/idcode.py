@@ -87,7 +87,7 @@ def decode_sorted_ids(blob: bytes, positions: int, top_k: int, vocab: int) -> np
     if HEADER + plen > len(blob):
         raise IdCodeError(f"prefix section of {plen} bytes runs past the blob's {len(blob)} bytes")
     bits = np.unpackbits(np.frombuffer(blob, np.uint8, count=plen, offset=HEADER), bitorder="little")
-    ones = np.flatnonzero(bits)  # (n,) the end of each prefix
+    ones = np.flatnonzero(bits.view(bool))  # (n,) the end of each prefix (bits are 0/1: a bool view is exact, and fast)
     if len(ones) != n:
         raise IdCodeError(f"prefix section codes {len(ones)} ids, expected {n} ({positions} positions of {top_k})")
     if plen != (int(ones[-1]) // 8 + 1 if n else 0):
@@ -100,12 +100,13 @@ def decode_sorted_ids(blob: bytes, positions: int, top_k: int, vocab: int) -> np
     if len(blob) - HEADER - plen != (total + 7) // 8:
         raise IdCodeError(f"suffix section of {len(blob) - HEADER - plen} bytes, expected {(total + 7) // 8} "
                           f"({total} bits)")
-    suffix = read_bits(blob[HEADER + plen :], starts, widths).astype(np.int64)
+    suffix = read_bits(blob[HEADER + plen :], starts, widths)
     gaps = suffix + (np.int64(1) << widths) - (1 << k)  # x - 2**k
     if n and int(gaps.max()) >= vocab:  # checked before the sum, which could otherwise wrap around
         i = int(np.argmax(gaps >= vocab))
         raise IdCodeError(f"gap {int(gaps[i])} at stored position {i // top_k} is outside the vocabulary of {vocab}")
-    ids = np.cumsum((gaps + 1).reshape(positions, top_k), axis=1) - 1  # (P, K)
+    run = np.cumsum(gaps + 1).reshape(positions, top_k)  # (P, K) one flat running sum (faster than one per row)
+    ids = run - (run[:, :1] - gaps.reshape(positions, top_k)[:, :1])  # restart at each position: ids = run sums - 1
     if n and int(ids[:, -1].max()) >= vocab:
         p = int(np.argmax(ids[:, -1] >= vocab))
         raise IdCodeError(f"id {int(ids[p, -1])} at stored position {p} is outside the vocabulary of {vocab}")
