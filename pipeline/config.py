@@ -74,7 +74,8 @@ class PrecomputeConfig:
     seed: int = 0
     """Seed of the sampling; each batch's generator is seeded from it and the batch's first window."""
     encoding: str = "exact"
-    """exact: ids and float16 log-probs; compact: ids bit-packed in ceil(log2 vocab) bits, log-probs quantized."""
+    """exact: ids and float16 log-probs; compact: top-k ids sorted and entropy-coded (sampled ids bit-packed in
+    ceil(log2 vocab) bits), log-probs quantized."""
     logprob_bits: int = 7
     """Bits per quantized top-k log-prob in the compact encoding."""
     temperatures: list[float] = field(default_factory=lambda: [1.0])
