@@ -261,3 +261,19 @@ def test_manifest_refuses_an_unknown_id_coding(compact, tmp_path):
     (ds / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FormatError, match=r"`capture.topk_id_coding` is 'huffman', expected one of \['packed', 'sorted_expgolomb'\]"):
         open_dataset(ds)
+
+
+def test_a_capture_begun_with_packed_ids_is_not_resumed_with_sorted_ones(tmp_path, teacher_dir, corpus_dir):
+    """Resuming into a folder whose settings lack topk_id_coding (written before it existed) would mix two id codings
+    in one dataset: refused, naming the setting."""
+    from pipeline.common.errors import UserError
+
+    cfg = dict(teacher=str(teacher_dir), data=[str(corpus_dir)], out=str(tmp_path / "o"), seq_len=T, top_k=K,
+               batch_size=4, shard_size=5, max_tokens=100, progress=False, encoding="compact", device="cpu")
+    m = precompute(PrecomputeConfig(**cfg))
+    assert m["settings"]["topk_id_coding"] == "sorted_expgolomb"
+    path = tmp_path / "o" / "manifest.json"
+    del m["settings"]["topk_id_coding"], m["capture"]["topk_id_coding"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(UserError, match=r"other settings \(topk_id_coding: None → 'sorted_expgolomb'\)"):
+        precompute(PrecomputeConfig(**cfg))
