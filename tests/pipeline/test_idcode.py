@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -22,6 +23,7 @@ from pipeline.format.idcode import HEADER, IdCodeError, best_order, decode_sorte
 from pipeline.precompute import precompute
 
 from .test_crafted_datasets import resign
+from .test_format_doc import DOC
 
 T, K = 16, 8
 
@@ -210,6 +212,15 @@ def test_a_compact_dataset_of_the_packed_layout_still_reads_and_verifies(compact
         for x, y in zip(sa.sparse_targets("topk"), sb.sparse_targets("topk")):
             np.testing.assert_array_equal(x, y)
     assert b.shards[0].table.column("topk_ids_packed")[0].as_py() != a.shards[0].table.column("topk_ids_packed")[0].as_py()
+    # the independent reader of docs/FORMAT.md reads both layouts to the same targets
+    block = next(x for x in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if "unpack(" in x)
+    for root in (path, old):
+        scope: dict = {}
+        exec(block.replace('root = "DATASET"', f'root = "{root}"'), scope)
+        ids, lp = a.shards[0].sparse_targets("topk")
+        stored = a.shards[0].stored_mask()
+        np.testing.assert_array_equal(scope["topk_ids"][stored], ids[stored])
+        np.testing.assert_allclose(scope["topk_logprobs"][stored], lp[stored], atol=1e-6)
 
 
 def crafted(path, tmp_path, edit):
