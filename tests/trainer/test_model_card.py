@@ -27,7 +27,7 @@ def test_model_folder_card_and_checkpoints_outside_it(run_train, dataset_dir):
     assert not (model_dir / "checkpoints").exists() and not (out / "model.safetensors").exists()
     card = (model_dir / "README.md").read_text()
     assert f"**Teacher:** {json.loads((dataset_dir / 'manifest.json').read_text())['teacher']['name_or_path']}" in card
-    assert f"**Dataset:** {dataset_dir}" in card and "0.5 * CE + 0.5 * forward_kl (tail: renormalize" in card
+    assert f"**Dataset:** {dataset_dir}" in card and "0.5 * CE + 0.5 * forward_kl (tail: tail" in card
     assert f'"ce": {final["eval"]["ce"]}' in card and "AutoModelForCausalLM.from_pretrained" in card
     # what an upload of the model folder sends: no checkpoint, no optimizer state
     files = [p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()]

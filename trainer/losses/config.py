@@ -22,10 +22,11 @@ class LossConfig:
     """Divergence between teacher and student: forward_kl = KL(teacher || student) (mass covering), reverse_kl =
     KL(student || teacher) (mode seeking), jsd = generalized Jensen-Shannon with mixture weight `beta`."""
 
-    tail: str = "renormalize"
+    tail: str = "tail"
     """What sparse targets say about the vocabulary outside the stored ids: tail = one ghost bucket holding the teacher's
-    leftover mass, renormalize = the stored probabilities rescaled to sum to 1 (tail ignored), uniform = the leftover mass
-    spread evenly over the ids not stored. Ignored for dense (online teacher) targets."""
+    leftover mass (the default: the best stored-top-64 row of the quality table, level with online full-vocabulary KD),
+    renormalize = the stored probabilities rescaled to sum to 1 (tail ignored), uniform = the leftover mass spread evenly
+    over the ids not stored. Ignored for dense (online teacher) targets."""
 
     alpha: float = 0.5
     """Weight of the next-token cross-entropy; the KD term gets 1 - alpha. alpha = 1 (or no teacher targets) is plain CE."""
