@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="chat teacher folder (make_teacher.py --chat prints it)")
     p.add_argument("--corpus", default=str(REPO / ".cache" / "corpus"), help="folder with chat-train/chat-heldout.jsonl")
-    p.add_argument("--work", default=str(REPO / ".cache" / "bench-chat"), help="datasets and runs (reused when unchanged)")
+    p.add_argument("--work", help="datasets and runs, reused when unchanged (default: .cache/bench-chat/TEACHER_NAME)")
     p.add_argument("--student-config", default=str(REPO / "scripts" / "configs" / "student-1.7m-chat.json"))
     p.add_argument("--tokens", type=int, default=819200, help="training conversation tokens captured (one epoch)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a smoke run: 16k tokens, 8 steps, seeds 0 1")
     a = p.parse_args(argv)
+    if a.work is None:
+        a.work = str(REPO / ".cache" / "bench-chat" / Path(a.teacher).resolve().name)
     if a.quick:
         a.tokens, a.steps, a.seeds = 16384, 8, [0, 1]
         a.work = str(Path(a.work).with_name(Path(a.work).name + "-quick"))

@@ -69,14 +69,13 @@ def read_conversations(path: Path) -> list[list[dict]]:
         return [json.loads(line)["messages"] for line in f]
 
 
-def conversation_stream(tok, conversations: list[list[dict]]) -> np.ndarray:
-    """All conversations rendered with the template (each opens with BOS) and tokenized, one after the other. (N,)"""
-    texts = [tok.apply_chat_template(m, tokenize=False) for m in conversations]
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    return np.concatenate([np.asarray(x, np.int64) for x in ids])
+def conversation_stream(targets: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """All conversations (`assistant_targets`, each opening with BOS) one after the other: ids (N,) and the flags of
+    the assistant tokens (N,)."""
+    return np.concatenate([ids for ids, _ in targets]), np.concatenate([t for _, t in targets])
 
 
-def assistant_targets(tok, conversations: list[list[dict]], max_len: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+def assistant_targets(tok, conversations: list[list[dict]], max_len: int | None) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Per conversation (ids (L,), trained (L,)) as `precompute --train-on assistant` marks them (`pipeline.chat`),
     cut to `max_len` tokens; also how many were cut."""
     from pipeline.chat import tokenize_example
@@ -84,7 +83,7 @@ def assistant_targets(tok, conversations: list[list[dict]], max_len: int) -> tup
     out, cut = [], 0
     for messages in conversations:
         ex = tokenize_example({"format": "chat", "messages": messages}, tok, "assistant", tok.eos_token_id)
-        cut += len(ex.input_ids) > max_len
+        cut += max_len is not None and len(ex.input_ids) > max_len
         out.append((ex.input_ids[:max_len], ex.trained[:max_len]))
     return out, cut
 
@@ -120,7 +119,9 @@ def chat_recipe(cfg: TeacherConfig, base: Path, chat: dict) -> dict:
     return {"version": CHAT_RECIPE_VERSION, "base": base.name, "conversations": chat["recipe"],
             "conversations_sha256": {s: c["sha256"] for s, c in chat["splits"].items()},
             "template": CHATML, "special_tokens": [IM_START, IM_END],
-            "settings": {"chat_steps": cfg.chat_steps, "chat_lr": cfg.chat_lr, "chat_fraction": cfg.chat_fraction}}
+            "settings": {"chat_steps": cfg.chat_steps, "chat_lr": cfg.chat_lr, "chat_fraction": cfg.chat_fraction}
+            # only when chosen, so the teachers cached before the option keep their key
+            | ({"chat_loss": cfg.chat_loss} if cfg.chat_loss != "all" else {})}
 
 
 def make_chat_teacher(cfg: TeacherConfig, base: Path) -> Path:
@@ -140,9 +141,10 @@ def make_chat_teacher(cfg: TeacherConfig, base: Path) -> Path:
     train_conv = read_conversations(corpus_dir / "chat-train.jsonl")
     held_conv = read_conversations(corpus_dir / "chat-heldout.jsonl")
     t0 = time.time()
-    chat_tokens = conversation_stream(tok, train_conv)
+    train_targets, _ = assistant_targets(tok, train_conv, max_len=None)
+    chat_tokens, chat_trained = conversation_stream(train_targets)
     held_targets, cut = assistant_targets(tok, held_conv, cfg.max_positions)
-    uni = unigram_assistant_ce(assistant_targets(tok, train_conv, cfg.max_positions)[0], held_targets, len(tok))
+    uni = unigram_assistant_ce(train_targets, held_targets, len(tok))
     log(f"conversations: train {len(train_conv):,} ({chat_tokens.size:,} tokens), held-out {len(held_conv):,} "
         f"({cut} cut to {cfg.max_positions} tokens); rendered and tokenized in {time.time() - t0:.0f}s")
     if chat_tokens.size <= cfg.seq_len + 1:
@@ -157,15 +159,20 @@ def make_chat_teacher(cfg: TeacherConfig, base: Path) -> Path:
     text_tokens = tokens["train"]
     n_chat = round(cfg.batch_size * cfg.chat_fraction)
 
-    def next_batch() -> torch.Tensor:
-        rows = []
+    def next_batch() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        rows, learn = [], []
         for stream, n in ((chat_tokens, n_chat), (text_tokens, cfg.batch_size - n_chat)):
             starts = rng.integers(0, stream.size - cfg.seq_len, size=n)
             rows += [np.asarray(stream[s:s + cfg.seq_len + 1], np.int64) for s in starts]
-        return torch.from_numpy(np.stack(rows))  # (B, T+1)
+            learn += [chat_trained[s + 1:s + cfg.seq_len + 1] == 1 if stream is chat_tokens and cfg.chat_loss == "assistant"
+                      else np.ones(cfg.seq_len, bool) for s in starts]
+        batch = torch.from_numpy(np.stack(rows))  # (B, T+1)
+        if cfg.chat_loss == "all":
+            return batch
+        return batch, batch[:, 1:].masked_fill(~torch.from_numpy(np.stack(learn)), -100)  # (B, T) labels
 
     log(f"fine-tune: {cfg.chat_steps} steps of {n_chat} conversation + {cfg.batch_size - n_chat} text windows "
-        f"x {cfg.seq_len} tokens, peak lr {cfg.chat_lr:g}")
+        f"x {cfg.seq_len} tokens, peak lr {cfg.chat_lr:g}, learning {cfg.chat_loss} tokens of the conversations")
     step, tokens_seen, loss_ema, train_s = make_teacher.train_loop(model, next_batch, cfg, cfg.chat_steps, cfg.chat_lr)
 
     # --- evaluate: assistant tokens of the held-out conversations, and held-out text

@@ -115,6 +115,9 @@ class TeacherConfig:
     """Peak learning rate of the --chat fine-tune (the same warmup and cosine as the text teacher)."""
     chat_fraction: float = 0.5
     """Share of each --chat batch's windows taken from the conversations; the rest are text."""
+    chat_loss: str = "all"
+    """What the --chat fine-tune learns in conversation windows: all (every token: a language model of the whole
+    format) or assistant (the answers and their <|im_end|>, as supervised chat fine-tuning does)."""
 
 
 def validate(cfg: TeacherConfig) -> None:
@@ -132,6 +135,8 @@ def validate(cfg: TeacherConfig) -> None:
         problems.append(f"--dtype {cfg.dtype!r} must be bfloat16 or float32")
     if not 0.0 <= cfg.chat_fraction <= 1.0:
         problems.append(f"--chat-fraction {cfg.chat_fraction} must be in [0, 1]")
+    if cfg.chat_loss not in ("all", "assistant"):
+        problems.append(f"--chat-loss {cfg.chat_loss!r} must be all or assistant")
     if cfg.chat_lr <= 0:
         problems.append(f"--chat-lr {cfg.chat_lr} must be positive")
     for name in ("steps", "chat_steps", "layers", "intermediate", "seq_len", "batch_size", "eval_tokens"):
@@ -304,10 +309,11 @@ def train_loop(model, next_batch, cfg: TeacherConfig, steps: int, lr: float,
             break
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, progress, cfg)
-        batch = next_batch()  # (B, T+1)
+        batch = next_batch()  # (B, T+1), or that and the labels to learn (B, T), -100 where nothing is learned
+        batch, labels = batch if isinstance(batch, tuple) else (batch, batch[:, 1:])
         with autocast(cfg):
             logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())  # float32 math on bf16 logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())  # float32 math on bf16 logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -433,7 +439,7 @@ def check_teacher(folder: Path, min_gain: float | None) -> None:
 
 
 # The --chat fine-tune's settings: in the chat teacher's recipe (scripts/chat_teacher.py), never in the text teacher's.
-CHAT_FIELDS = {"chat", "chat_steps", "chat_lr", "chat_fraction"}
+CHAT_FIELDS = {"chat", "chat_steps", "chat_lr", "chat_fraction", "chat_loss"}
 
 
 def teacher_recipe(cfg: TeacherConfig, tokens_recipe: dict) -> dict:

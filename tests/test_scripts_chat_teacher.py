@@ -149,3 +149,19 @@ def test_bench_chat_end_to_end_on_the_tiny_chat_teacher(chat_folder, tmp_path, c
     assert all(0 < r["held_out_ce"] < 20 for r in quality + [teacher])
     out = capsys.readouterr().out
     assert "| CE only | 2 |" in out and "| top-64 renormalize | 2 |" in out and "teacher on the held-out" in out
+
+
+def test_chat_loss_assistant_is_another_recipe_and_its_stream_flags_the_answers(chat_folder, text_teacher, args):
+    assistant = make_teacher.make_teacher(make_teacher.parse_args(args + ["--chat", "--chat-steps", "2", "--chat-loss",
+                                                                          "assistant"]))
+    assert assistant != chat_folder
+    assert json.loads((assistant / "teacher.json").read_text())["recipe"]["settings"]["chat_loss"] == "assistant"
+    assert "chat_loss" not in json.loads((chat_folder / "teacher.json").read_text())["recipe"]["settings"]  # key kept
+    _, tok = chat_teacher.to_chat(text_teacher)
+    targets, _ = chat_teacher.assistant_targets(tok, [QUESTION, QUESTION[:1] + [{"role": "assistant", "content": "No."}]],
+                                                max_len=None)
+    ids, trained = chat_teacher.conversation_stream(targets)
+    assert ids.shape == trained.shape and ids.tolist() == targets[0][0].tolist() + targets[1][0].tolist()
+    assert tok.decode(ids[trained == 1]) == "It adds one.<|im_end|>No.<|im_end|>"
+    with pytest.raises(ValueError, match="--chat-loss 'some' must be all or assistant"):
+        make_teacher.validate(make_teacher.parse_args(["--chat-loss", "some"]))
