@@ -33,7 +33,7 @@ def capture(out: Path, a, data: str, **kw) -> dict:
     if out.exists():
         shutil.rmtree(out)
     return precompute(PrecomputeConfig(teacher=a.teacher, data=[data], out=str(out), seq_len=a.seq_len, top_k=a.top_k,
-                                       targets=a.targets, encoding=a.encoding, max_tokens=a.tokens, batch_size=4,
+                                       targets=a.targets, encoding=a.encoding, compression=a.compression, max_tokens=a.tokens, batch_size=4,
                                        device="cpu", dtype="float32", progress=False, **kw))
 
 
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--targets", default="topk")
     ap.add_argument("--encoding", default="exact")
+    ap.add_argument("--compression", default="none", help="none or zstd (Arrow buffer compression of the shards)")
     a = ap.parse_args()
     corpus, work = Path(a.corpus), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def main() -> None:
     template.write_text(CHATML)
     chat = capture(work / "chat", a, str(corpus / "chat-heldout.jsonl"), format="chat", chat_template=str(template))
     text = capture(work / "text", a, str(corpus / "heldout-mixed.jsonl"))
-    print(f"settings: --seq-len {a.seq_len} --top-k {a.top_k} --targets {a.targets} --encoding {a.encoding} "
+    print(f"settings: --seq-len {a.seq_len} --top-k {a.top_k} --targets {a.targets} --encoding {a.encoding} --compression {a.compression} "
           f"--max-tokens {a.tokens}, packed")
     print("| capture | positions | trained | trained share | capture.positions | bytes | bytes per trained token |")
     print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
