@@ -37,7 +37,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="chat teacher folder (make_teacher.py --chat prints it)")
     p.add_argument("--corpus", default=str(REPO / ".cache" / "corpus"), help="folder with chat-train/chat-heldout.jsonl")
-    p.add_argument("--work", help="datasets and runs, reused when unchanged (default: .cache/bench-chat/TEACHER_NAME)")
+    p.add_argument("--work", default=str(REPO / ".cache" / "bench-chat"),
+                   help="the ordered conversations, and per teacher (WORK/TEACHER_NAME) its datasets and runs; all reused "
+                        "when unchanged")
     p.add_argument("--student-config", default=str(REPO / "scripts" / "configs" / "student-1.7m-chat.json"))
     p.add_argument("--tokens", type=int, default=819200, help="training conversation tokens captured (one epoch)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -53,8 +55,6 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a smoke run: 16k tokens, 8 steps, seeds 0 1")
     a = p.parse_args(argv)
-    if a.work is None:
-        a.work = str(REPO / ".cache" / "bench-chat" / Path(a.teacher).resolve().name)
     if a.quick:
         a.tokens, a.steps, a.seeds = 16384, 8, [0, 1]
         a.work = str(Path(a.work).with_name(Path(a.work).name + "-quick"))
@@ -110,14 +110,15 @@ def run(args) -> list[dict]:
     from pipeline.format import open_dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    conversations = mixed_conversations(Path(args.corpus), Path(args.work))  # the same file (path) for every teacher
+    args.work = str(Path(args.work) / Path(args.teacher).resolve().name)  # what train_one writes under
     table = bench_train.all_variants(args)
     unknown = [v for v in args.variants if v not in table or table[v][0] != "top64" or table[v][1].get("online_teacher")]
     if unknown:
         raise SystemExit(f"--variants {unknown}: only rows of a stored top-64 capture are benched here")
     # --- captures: the training conversations (one epoch of the students) and every held-out conversation
-    data = capture_chat(args, mixed_conversations(Path(args.corpus), work), f"train-top64-{args.tokens}", args.tokens)
+    data = capture_chat(args, conversations, f"train-top64-{args.tokens}", args.tokens)
     heldout = capture_chat(args, Path(args.corpus) / "chat-heldout.jsonl", "heldout-top64", None)
     totals = {k: open_dataset(str(p)).manifest.totals for k, p in (("train", data), ("heldout", heldout))}
     rows = [{"section": "capture", "dataset": "top64", "seconds": bench_train.capture_seconds(data), "tokens": args.tokens,

@@ -140,7 +140,7 @@ def test_bench_chat_end_to_end_on_the_tiny_chat_teacher(chat_folder, tmp_path, c
                      "--work", str(tmp_path / "work"), "--student-config", str(student), "--tokens", "1024",
                      "--seq-len", "32", "--steps", "2", "--batch-size", "2", "--seeds", "0", "1",
                      "--capture-dtype", "float32", "--train-dtype", "float32", "--log-every", "1"])
-    rows = json.loads((tmp_path / "work" / "rows.json").read_text())
+    rows = json.loads((tmp_path / "work" / chat_folder.name / "rows.json").read_text())  # per teacher
     cap, teacher, quality = rows[0], rows[1], rows[2:]
     assert 0 < cap["trained"]["train"] < cap["positions"]["train"]  # assistant tokens only
     assert 0 < cap["trained"]["heldout"] < cap["positions"]["heldout"]
