@@ -117,6 +117,15 @@ def test_assistant_ce_scores_exactly_the_trained_tokens(text_teacher):
         logp = torch.log_softmax(model(input_ids=torch.from_numpy(ids)[None]).logits[0].double(), -1)  # (L, V)
     expected = -np.mean([logp[p - 1, ids[p]].item() for p in np.flatnonzero(trained)])
     assert n == int(trained.sum()) and ce == pytest.approx(expected, rel=1e-4)
+    # in pieces of 4 (+1) tokens: every trained token once, seen from the start of its piece only
+    ce4, n4 = chat_teacher.assistant_ce(model, targets, make_teacher.parse_args(["--dtype", "float32", "--seq-len", "4"]))
+    by_hand = []
+    for p in np.flatnonzero(trained):
+        a = (p - 1) // 4 * 4  # the piece whose labels hold token p
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(ids[a:p])[None]).logits[0, -1].double()  # (V,)
+        by_hand.append(-torch.log_softmax(logits, -1)[ids[p]].item())
+    assert n4 == n and ce4 == pytest.approx(np.mean(by_hand), rel=1e-4) and ce4 != pytest.approx(ce, rel=1e-3)
     assert chat_teacher.assistant_targets(tok, [QUESTION], max_len=5)[1] == 1  # cut and counted
 
 
