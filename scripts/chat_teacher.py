@@ -7,8 +7,8 @@ conversations of `scripts/make_corpus.py --chat`. Run through `python scripts/ma
    started with it), and resizes the embeddings: old rows untouched, new rows the mean of the old ones, so every
    logit of an old token is unchanged before the fine-tune,
 3. fine-tunes on a mix for `--chat-steps` seeded steps: in every batch `round(batch_size * chat_fraction)` random
-   windows of the rendered training conversations (all tokens: the teacher is a language model of the whole format)
-   and the rest from the text stream, so it keeps its text,
+   windows of the rendered training conversations (learning their assistant tokens, as supervised chat fine-tuning
+   does, or with `--chat-loss all` every token) and the rest from the text stream, so it keeps its text,
 4. measures held-out CE on the assistant tokens (exactly the positions `distill precompute --train-on assistant`
    trains, found by `pipeline.chat`) before and after, next to a unigram baseline of the training conversations'
    assistant tokens, and text held-out CE after (what the mix cost the text),

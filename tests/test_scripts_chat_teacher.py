@@ -20,6 +20,7 @@ bench_chat = _load("bench_chat")
 
 # mod15.py hashes to held-out (pinned in tests/test_scripts_corpus_teacher.py); the others train
 FILES = ["mod0.py", "mod1.py", "mod15.py", "pkg/core.py"]
+CHAT = ["--chat", "--chat-steps", "2", "--chat-fraction", "0.5"]  # one conversation and one text window a step
 QUESTION = [{"role": "user", "content": "What does f do?"}, {"role": "assistant", "content": "It adds one."}]
 
 
@@ -44,7 +45,7 @@ def text_teacher(args) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_folder(args) -> Path:
-    return make_teacher.make_teacher(make_teacher.parse_args(args + ["--chat", "--chat-steps", "2"]))
+    return make_teacher.make_teacher(make_teacher.parse_args(args + CHAT))
 
 
 def test_to_chat_adds_single_id_special_tokens_and_keeps_every_old_logit(text_teacher):
@@ -100,9 +101,9 @@ def test_chat_teacher_is_saved_with_its_template_and_cached_by_recipe(chat_folde
     assert report["assistant_eval_tokens"] == counted
 
     # unchanged recipe: reused; another fine-tune: another folder, same base
-    again = make_teacher.make_teacher(make_teacher.parse_args(args + ["--chat", "--chat-steps", "2"]))
+    again = make_teacher.make_teacher(make_teacher.parse_args(args + CHAT))
     assert again == chat_folder and "reusing cached chat teacher" in capsys.readouterr().err
-    other = make_teacher.make_teacher(make_teacher.parse_args(args + ["--chat", "--chat-steps", "1"]))
+    other = make_teacher.make_teacher(make_teacher.parse_args(args + CHAT + ["--chat-steps", "1"]))
     assert other != chat_folder and json.loads((other / "teacher.json").read_text())["base_teacher"] == str(text_teacher)
 
 
@@ -160,12 +161,12 @@ def test_bench_chat_end_to_end_on_the_tiny_chat_teacher(chat_folder, tmp_path, c
     assert "| CE only | 2 |" in out and "| top-64 renormalize | 2 |" in out and "teacher on the held-out" in out
 
 
-def test_chat_loss_assistant_is_another_recipe_and_its_stream_flags_the_answers(chat_folder, text_teacher, args):
-    assistant = make_teacher.make_teacher(make_teacher.parse_args(args + ["--chat", "--chat-steps", "2", "--chat-loss",
-                                                                          "assistant"]))
-    assert assistant != chat_folder
-    assert json.loads((assistant / "teacher.json").read_text())["recipe"]["settings"]["chat_loss"] == "assistant"
-    assert "chat_loss" not in json.loads((chat_folder / "teacher.json").read_text())["recipe"]["settings"]  # key kept
+def test_chat_loss_all_is_another_recipe_and_the_stream_flags_the_answers(chat_folder, text_teacher, args):
+    every = make_teacher.make_teacher(make_teacher.parse_args(args + CHAT + ["--chat-loss", "all"]))
+    assert every != chat_folder
+    assert json.loads((chat_folder / "teacher.json").read_text())["recipe"]["settings"]["chat_loss"] == "assistant"
+    # all: not in the key, so the teachers cached before the option (they learned every token) keep theirs
+    assert "chat_loss" not in json.loads((every / "teacher.json").read_text())["recipe"]["settings"]
     _, tok = chat_teacher.to_chat(text_teacher)
     targets, _ = chat_teacher.assistant_targets(tok, [QUESTION, QUESTION[:1] + [{"role": "assistant", "content": "No."}]],
                                                 max_len=None)
