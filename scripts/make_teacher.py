@@ -496,7 +496,7 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
             continue
         kind = {"minutes": float, "min_gain": float}.get(f.name) or (type(f.default) if f.default is not None else str)
         parser.add_argument(flag, type=kind, default=f.default, help=docs[f.name],
-                            choices=("bfloat16", "float32") if f.name == "dtype" else None)
+                            choices={"dtype": ("bfloat16", "float32"), "chat_loss": ("all", "assistant")}.get(f.name))
     return TeacherConfig(**vars(parser.parse_args(argv)))
 
 

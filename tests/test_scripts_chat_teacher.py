@@ -3,6 +3,7 @@ from a fake stdlib with docstrings: the chat format it gets, the fine-tune's cac
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -174,4 +175,6 @@ def test_chat_loss_all_is_another_recipe_and_the_stream_flags_the_answers(chat_f
     assert ids.shape == trained.shape and ids.tolist() == targets[0][0].tolist() + targets[1][0].tolist()
     assert tok.decode(ids[trained == 1]) == "It adds one.<|im_end|>No.<|im_end|>"
     with pytest.raises(ValueError, match="--chat-loss 'some' must be all or assistant"):
-        make_teacher.validate(make_teacher.parse_args(["--chat-loss", "some"]))
+        make_teacher.validate(dataclasses.replace(make_teacher.parse_args([]), chat_loss="some"))
+    with pytest.raises(SystemExit):  # the command line offers only the two
+        make_teacher.parse_args(["--chat-loss", "some"])
