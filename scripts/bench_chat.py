@@ -6,7 +6,8 @@
 Captures the training conversations (`scripts/make_corpus.py --chat`, ordered by a hash of each definition's name so
 that every part of the run sees every part of the stdlib) and all held-out conversations with the real `precompute`
 (`--format chat --train-on assistant`, top-64: targets stored at assistant tokens only), trains CE-only and top-64
-renormalize students (the quality table's winner) for every seed with the real `train`, evaluates each with the real
+students (`--tail tail`, the default and the quality table's best stored row, and `renormalize`) for every seed with
+the real `train`, evaluates each with the real
 `evaluate` (metrics over `loss_mask` = 1, the assistant tokens), and prints the rows with the quality table's rules
 (scripts/bench_train.py: mean ± std over seeds, an ordering only beyond twice the larger std). The teacher itself is
 evaluated on the same held-out dataset as a reference line.
@@ -30,7 +31,7 @@ import bench_train  # noqa: E402  (sibling script: capture bookkeeping, train_on
 from pipeline.config import PrecomputeConfig  # noqa: E402
 from pipeline.precompute import precompute  # noqa: E402
 
-VARIANTS = ["CE only", "top-64 renormalize"]
+VARIANTS = ["CE only", "top-64 tail", "top-64 renormalize"]  # tail: the default --tail of train
 
 
 def parse_args(argv=None):

@@ -155,11 +155,12 @@ def test_bench_chat_end_to_end_on_the_tiny_chat_teacher(chat_folder, tmp_path, c
     cap, teacher, quality = rows[0], rows[1], rows[2:]
     assert 0 < cap["trained"]["train"] < cap["positions"]["train"]  # assistant tokens only
     assert 0 < cap["trained"]["heldout"] < cap["positions"]["heldout"]
-    assert [(r["variant"], r["seed"]) for r in quality] == [("CE only", 0), ("CE only", 1), ("top-64 renormalize", 0),
+    assert [(r["variant"], r["seed"]) for r in quality] == [("CE only", 0), ("CE only", 1), ("top-64 tail", 0),
+                                                            ("top-64 tail", 1), ("top-64 renormalize", 0),
                                                             ("top-64 renormalize", 1)]
     assert all(0 < r["held_out_ce"] < 20 for r in quality + [teacher])
     out = capsys.readouterr().out
-    assert "| CE only | 2 |" in out and "| top-64 renormalize | 2 |" in out and "teacher on the held-out" in out
+    assert "| CE only | 2 |" in out and "| top-64 tail | 2 |" in out and "| top-64 renormalize | 2 |" in out and "teacher on the held-out" in out
 
 
 def test_chat_loss_all_is_another_recipe_and_the_stream_flags_the_answers(chat_folder, text_teacher, args):
