@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -190,15 +189,11 @@ def make_chat_teacher(cfg: TeacherConfig, base: Path) -> Path:
         f"{ce_after:.3f} nats/token (unigram {uni:.3f}); held-out text CE {text_ce:.3f} "
         f"(base teacher {base_report['heldout_ce']:.3f})")
 
-    # --- save to a temp folder, check it loads back identically, then rename into place
-    tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    sample = tok.apply_chat_template(held_conv[0], tokenize=False)
-    make_teacher.verify_roundtrip(tmp, model, tok.backend_tokenizer, sample)
-    if AutoTokenizer.from_pretrained(tmp).chat_template != CHATML:
-        raise RuntimeError(f"the tokenizer saved in {tmp} lost its chat template")
+    # --- save to a temp folder, check it loads back identically (chat template included), then rename into place
+    def keeps_template(folder: Path) -> None:
+        if AutoTokenizer.from_pretrained(folder).chat_template != CHATML:
+            raise RuntimeError(f"the tokenizer saved in {folder} lost its chat template")
+
     report = {"recipe": recipe, "recipe_hash": final.name.removeprefix("chat-teacher-"), "base_teacher": str(base),
               "vocab_size": len(tok), "special_tokens": {t: tok.convert_tokens_to_ids(t) for t in (EOT, IM_START, IM_END)},
               "steps": step, "tokens_seen": tokens_seen, "conversation_windows_per_step": n_chat,
@@ -209,7 +204,7 @@ def make_chat_teacher(cfg: TeacherConfig, base: Path) -> Path:
               "text_heldout_ce_after": round(text_ce, 4), "text_heldout_ce_base": base_report["heldout_ce"],
               "text_heldout_eval_tokens": windows[:, 1:].numel(), "threads": torch.get_num_threads(),
               "torch": torch.__version__}
-    (tmp / "teacher.json").write_text(json.dumps(report, indent=2) + "\n")
-    make_teacher._publish(tmp, final)
+    sample = tok.apply_chat_template(held_conv[0], tokenize=False)
+    make_teacher.save_teacher(final, model, tok, tok.backend_tokenizer, sample, report, check=keeps_template)
     log(f"saved chat teacher to {final}")
     return final

@@ -208,6 +208,20 @@ def load_tokens(cfg: TeacherConfig, corpus_dir: Path, corpus: dict) -> tuple[Tok
     return Tokenizer.from_file(str(final / "tokenizer.json")), arrays, info
 
 
+def save_teacher(final: Path, model, hf_tok, tok: Tokenizer, sample: str, report: dict, check=None) -> None:
+    """Save model + tokenizer to a temp folder beside `final`, check that it loads back identically on `sample`
+    (`verify_roundtrip`, then `check(folder)` if given), write `report` as teacher.json, and rename it into place."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    hf_tok.save_pretrained(tmp)
+    verify_roundtrip(tmp, model, tok, sample)
+    if check is not None:
+        check(tmp)
+    (tmp / "teacher.json").write_text(json.dumps(report, indent=2) + "\n")
+    _publish(tmp, final)
+
+
 def _publish(tmp: Path, final: Path) -> None:
     """Rename a finished temp folder into place; if a concurrent run got there first, keep theirs (same recipe)."""
     try:
@@ -389,13 +403,8 @@ def make_teacher(cfg: TeacherConfig) -> Path:
         f"(eval {time.time() - t0:.0f}s)")
 
     # --- save to a temp folder, check it loads back identically, then rename into place
-    tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT,
                                      model_max_length=cfg.max_positions)
-    hf_tok.save_pretrained(tmp)
-    verify_roundtrip(tmp, model, tok, make_corpus.read_split(corpus_dir, "heldout")[0][:2000])
     report = {"recipe": recipe, "recipe_hash": final.name.removeprefix("teacher-"), "params": n_params,
               "steps": step, "tokens_seen": tokens_seen, "train_seconds": round(train_s, 1),
               "tokens_per_second": round(tokens_seen / train_s, 1), "final_train_loss_ema": round(loss_ema, 4),
@@ -403,8 +412,7 @@ def make_teacher(cfg: TeacherConfig) -> Path:
               "corpus": {k: corpus[k] for k in ("stdlib", "python_version", "files", "bytes", "skipped")},
               "tokens": tokens_info, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "document_separator": f"{EOT} (id {eot_id}) before each file; prepend it as BOS when scoring a document"}
-    (tmp / "teacher.json").write_text(json.dumps(report, indent=2) + "\n")
-    _publish(tmp, final)
+    save_teacher(final, model, hf_tok, tok, make_corpus.read_split(corpus_dir, "heldout")[0][:2000], report)
     log(f"saved teacher to {final}")
     check_teacher(final, cfg.min_gain)
     return _copy_out(final, cfg.out)

@@ -34,14 +34,20 @@ def _list_array(chunks: list[np.ndarray], dtype) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
+def fixed_lists(flat: np.ndarray, *sizes: int) -> pa.Array:
+    """Wrap a C-contiguous numpy array as nested Arrow fixed-size lists without copying."""
+    arr = pa.array(np.ascontiguousarray(flat).reshape(-1))
+    for size in reversed(sizes):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
+    return arr
+
+
 def trained_lists(values: np.ndarray, mask: np.ndarray) -> pa.Array:
     """(B, T, ...) per-position values + (B, T) loss mask -> a list array with, per window, the values of its trained
     positions in position order (list<...> of the nested fixed-size lists of the trailing dims)."""
-    from .writer import _fixed_lists
-
     keep = mask.astype(bool)
     flat = np.ascontiguousarray(values[keep])  # (P, ...) in window-major, position order
-    inner = _fixed_lists(flat, *flat.shape[1:]) if flat.ndim > 1 else pa.array(flat)
+    inner = fixed_lists(flat, *flat.shape[1:]) if flat.ndim > 1 else pa.array(flat)
     offsets = np.zeros(len(keep) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum(keep.sum(1))
     return pa.ListArray.from_arrays(pa.array(offsets), inner)

@@ -30,6 +30,11 @@ from .tokenizer_files import check_tokenizer_files
 from .zarr_meta import ZARR_V2_FILES, check_array_meta, check_group_meta, zarr_filesystem
 
 
+def _list_lengths(arr: pa.ListArray) -> np.ndarray:
+    """(R,) int64: the number of entries of each row of a list column."""
+    return np.diff(arr.offsets.to_numpy()).astype(np.int64)
+
+
 class Shard:
     """One shard: its manifest record, its columns as numpy views, its hidden states as zarr arrays.
 
@@ -122,8 +127,7 @@ class Shard:
 
     def stored_counts(self, name: str, rows=None) -> np.ndarray:
         """(R,) entries per window of a target column stored only at trained positions (its list lengths)."""
-        arr = self._select(self.table.column(name).combine_chunks(), rows)
-        return np.diff(arr.offsets.to_numpy()).astype(np.int64)
+        return _list_lengths(self._select(self.table.column(name).combine_chunks(), rows))
 
     def _select(self, arr, rows):
         if rows is not None:
@@ -137,7 +141,7 @@ class Shard:
         the window's count of loss_mask 1 (a dataset where it is not is refused, naming the column and window)."""
         arr = self._select(self.table.column(name).combine_chunks(), rows)
         keep = self.column("loss_mask", rows).astype(bool)  # (R, T)
-        lengths = np.diff(arr.offsets.to_numpy()).astype(np.int64)
+        lengths = _list_lengths(arr)
         want = keep.sum(1)
         bad = lengths != want
         if bad.any():
@@ -199,12 +203,12 @@ class Shard:
             raise FormatError(f"dataset holds {' and '.join(kinds) or 'no'} targets, not {kind!r}; pick one of {kinds}")
         col = lambda name: self.column(name, rows)
         cap, T = self.dataset.capture, self.dataset.seq_len
+        keep = self.stored_mask(rows) if cap.trained_only else None  # (R, T): the positions that hold targets
         if kind == "sampled":
             ids, lp = decode_sampled(col, cap, T)
         else:
-            ids, lp = decode_topk(col, cap, T, self.stored_mask(rows) if cap.trained_only else None)
-        if cap.trained_only:  # positions without targets read as certain of id 0 (a distribution; loss_mask 0 there)
-            keep = self.stored_mask(rows)
+            ids, lp = decode_topk(col, cap, T, keep)
+        if keep is not None:  # positions without targets read as certain of id 0 (a distribution; loss_mask 0 there)
             ids[~keep] = 0
             lp[~keep] = -np.inf
             lp[~keep, 0] = 0.0

@@ -64,9 +64,7 @@ def window_schema(
     """
     version = FORMAT_VERSION if version is None else version  # looked up now, so a test can write version 1
     id_type = pa.from_numpy_dtype(np.dtype(token_type))
-    fixed = lambda t: pa.list_(t, seq_len)
-    trained_only = positions == "trained"
-    per_pos = fixed
+    per_pos = lambda t: pa.list_(t, seq_len)
     fields = [
         pa.field("window_index", pa.int64()),  # global position of the window in the packed corpus
         pa.field("input_ids", per_pos(id_type)),
@@ -75,7 +73,7 @@ def window_schema(
     ]
     if version >= 2:  # restart at 0 at each packed example; version 1 datasets have none (0..T-1 for every window)
         fields.append(pa.field("position_ids", per_pos(pa.from_numpy_dtype(np.dtype(position_dtype(seq_len))))))
-    if trained_only:  # targets: one entry per trained position (loss_mask 1), in position order
+    if positions == "trained":  # targets: one entry per trained position (loss_mask 1), in position order
         per_pos = lambda t: pa.list_(t)
     fields += [
         pa.field("target_logprob", per_pos(pa.float32())),  # teacher log p(labels[t] | prefix)
@@ -88,8 +86,8 @@ def window_schema(
             ]
         else:
             fields += [
-                pa.field("topk_ids_packed", pa.binary()),  # T*K ids of id_bits each
-                pa.field("topk_logprobs_packed", pa.binary()),  # T*K quantized log-probs of logprob_bits each
+                pa.field("topk_ids_packed", pa.binary()),  # K ids per stored position (capture.topk_id_coding)
+                pa.field("topk_logprobs_packed", pa.binary()),  # K quantized log-probs of logprob_bits each, the same order
                 pa.field("topk_logprob_hi", per_pos(pa.float16())),  # log-prob of rank 1 (the quantization range)
                 pa.field("topk_logprob_lo", per_pos(pa.float16())),  # log-prob of rank K
             ]

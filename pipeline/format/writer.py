@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..common.files import list_files, replace_path, tmp_name
+from .encode import fixed_lists
 from .files import sha256_file
 from .sections import FileMeta, ShardRecord
 from .schema import SHARDS_DIR, shard_name
@@ -19,14 +20,6 @@ from .schema import SHARDS_DIR, shard_name
 # Hidden states: one zarr chunk per window keeps partial reads (one window) cheap; one zarr shard per write batch means
 # every write fills whole shard files, so zarr never reads back what it wrote.
 ZSTD_LEVEL = 3
-
-
-def _fixed_lists(flat: np.ndarray, *sizes: int) -> pa.Array:
-    """Wrap a C-contiguous numpy array as nested Arrow fixed-size lists without copying."""
-    arr = pa.array(np.ascontiguousarray(flat).reshape(-1))
-    for size in reversed(sizes):
-        arr = pa.FixedSizeListArray.from_arrays(arr, size)
-    return arr
 
 
 class ShardWriter:
@@ -110,7 +103,7 @@ class ShardWriter:
             elif field.name == "window_index":
                 cols.append(pa.array(np.asarray(arr, dtype=np.int64)))
             else:
-                cols.append(_fixed_lists(arr, *arr.shape[1:]).cast(field.type))
+                cols.append(fixed_lists(arr, *arr.shape[1:]).cast(field.type))
         self._batches.append(pa.RecordBatch.from_arrays(cols, schema=self.schema))
         if hidden and self.trained_only:
             keep = np.asarray(rows["loss_mask"]).astype(bool).reshape(-1)  # (B*T,)
